@@ -1,0 +1,56 @@
+"""The contract between the edge server and a target-model runtime.
+
+The server and the verification math never touch torch or onnxruntime; they see only
+this interface. A backend instance serves exactly one session (one sequence, one KV
+cache), so sessions never share mutable state; the model weights themselves are shared
+through a `TargetModel` that creates backends.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+
+
+class TargetModel(ABC):
+    """Loaded weights, shared by every session on the edge."""
+
+    #: Number of rows in the output logits (may exceed the tokenizer's vocabulary).
+    n_vocab: int
+    #: Longest sequence a session may hold.
+    max_context: int
+    #: Token strings in id order, for the vocabulary fingerprint in the handshake.
+    vocab_tokens: list[str]
+    #: End-of-sequence token ids of this model.
+    eos_token_ids: tuple[int, ...]
+    #: Human-readable model name reported in the handshake.
+    name: str
+
+    @abstractmethod
+    def new_sequence(self) -> "TargetSequence":
+        """A fresh per-session state with an empty KV cache."""
+
+
+class TargetSequence(ABC):
+    """One sequence's KV cache over a shared `TargetModel`."""
+
+    @property
+    @abstractmethod
+    def n_cached(self) -> int:
+        """Tokens currently held in the KV cache."""
+
+    @abstractmethod
+    def forward(self, new_ids: Sequence[int]) -> np.ndarray:
+        """Append `new_ids` to the cache; return float32 logits of shape (len(new_ids), n_vocab).
+
+        Row i is the next-token logits after the cached prefix plus new_ids[: i + 1].
+        """
+
+    @abstractmethod
+    def rollback(self, n_keep: int) -> None:
+        """Drop cached tokens beyond the first `n_keep` (0 <= n_keep <= n_cached)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free the cache; the sequence is unusable afterwards."""
