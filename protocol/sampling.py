@@ -46,6 +46,18 @@ class SamplingParams:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
 
+#: Independent random streams per role, derived from the one request seed. The device's
+#: draft draws and the edge's acceptance draws must be independent: with one shared
+#: stream, u_1 would equal the uniform that drew x_1 and the test would be biased.
+DEVICE_STREAM = 0
+EDGE_STREAM = 1
+
+
+def rng_for(seed: int, stream: int) -> np.random.Generator:
+    """The seeded generator a role uses for one request (see DEVICE_STREAM / EDGE_STREAM)."""
+    return np.random.default_rng([seed, stream])
+
+
 def greedy_token(logits: np.ndarray) -> int:
     """Argmax with ties to the lowest id (numpy's argmax already does this)."""
     return int(np.argmax(logits))

@@ -1,0 +1,96 @@
+"""`python -m device_runtime`: generate with a local draft model and a remote edge."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from device_runtime.drafter import LlamaDrafter
+from device_runtime.session import MODES, DeviceClient, GenerationConfig
+from device_runtime.transport import EdgeError
+from protocol.sampling import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantize.defaults import default_models
+
+    p = argparse.ArgumentParser(
+        prog="python -m device_runtime",
+        description="Device half of DSSD: draft with a GGUF model, verify on the edge.",
+    )
+    p.add_argument("--edge", default="ws://127.0.0.1:8765", help="edge URL (ws://HOST:PORT)")
+    p.add_argument("--model", default=None,
+                   help=f"draft GGUF (default: {default_models().draft_q4_0_gguf})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default="The three primary colors are", help="plain text prompt")
+    g.add_argument("--chat", help="a user message, formatted with the GGUF's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--mode", choices=MODES, default="dssd")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 disables")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--downlink", choices=("auto", "full", "support"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--json", action="store_true", help="print the stats as JSON instead of a summary")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from quantize.defaults import default_models
+
+    drafter = LlamaDrafter(args.model or default_models().draft_q4_0_gguf,
+                           n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=max(args.gamma, 1))
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.chat})
+        prompt_ids = drafter.tokenize(drafter.chat_prompt(messages), add_bos=False)
+    else:
+        prompt_ids = drafter.tokenize(args.prompt)
+    config = GenerationConfig(
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
+        gamma=args.gamma,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        downlink=args.downlink,
+    )
+    client = DeviceClient(drafter, None if args.mode == "device-only" else args.edge)
+    try:
+        if args.chat is None:
+            sys.stdout.write(args.prompt)
+        result = await client.generate(
+            prompt_ids, config, on_tokens=lambda ids, text: (sys.stdout.write(text), sys.stdout.flush())
+        )
+    finally:
+        await client.close()
+        drafter.close()
+    sys.stdout.write("\n")
+    if args.json:
+        print(json.dumps(result.stats.as_dict(), indent=2))
+    else:
+        print(f"[{result.finish_reason}] " + result.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return asyncio.run(_run(args))
+    except (EdgeError, ConnectionError, OSError, ValueError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

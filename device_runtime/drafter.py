@@ -1,0 +1,172 @@
+"""The draft model on the device: a GGUF run by llama.cpp, sampled in numpy.
+
+llama.cpp's own sampler does not return the distribution it sampled from, and the
+verification is exact only with that distribution, so the drafter reads raw logits and
+samples with `protocol.sampling`. Q rows of the current draft are kept in a
+preallocated buffer for the residual resample after a rejection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from protocol.sampling import SamplingParams, probabilities, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One round's draft. Arrays are views into the drafter's buffers: valid until the next draft."""
+
+    ids: np.ndarray  # (gamma,) int32
+    q_draft: np.ndarray  # (gamma,) float32, q_i(x_i)
+    q_rows: np.ndarray  # (gamma, V) float32, the full Q_i
+
+
+class LlamaDrafter:
+    """Keeps one llama.cpp context whose KV cache follows the committed sequence."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        max_gamma: int = 16,
+        f32_kv_cache: bool = False,
+    ) -> None:
+        import llama_cpp
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"draft model not found: {path}")
+        threads = n_threads or os.cpu_count() or 1
+        kwargs: dict = {}
+        if f32_kv_cache:  # bit-comparable with torch in tests; the f16 default differs by ~1e-2
+            kwargs.update(type_k=0, type_v=0, flash_attn=False)
+        self._llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=min(512, n_ctx),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+            **kwargs,
+        )
+        self.path = path
+        self.n_vocab = int(self.llm.n_vocab())
+        self.n_ctx = n_ctx
+        self._tokens: list[int] = []  # exactly what the KV cache holds
+        self._q_rows = np.empty((max_gamma + 1, self.n_vocab), np.float32)
+        self._ids = np.empty(max_gamma + 1, np.int32)
+        self._q_draft = np.empty(max_gamma + 1, np.float32)
+
+    # -- vocabulary -----------------------------------------------------------------
+
+    def vocab_tokens(self) -> list[bytes]:
+        vocab = self.llm._model.vocab
+        n = self._llama_cpp.llama_vocab_n_tokens(vocab)
+        return [self._llama_cpp.llama_token_get_text(vocab, i) for i in range(n)]
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = {int(self.llm.token_eos())}
+        eot = self._llama_cpp.llama_vocab_eot(self.llm._model.vocab)
+        if eot >= 0:
+            ids.add(int(eot))
+        return tuple(sorted(i for i in ids if i >= 0))
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        return self.llm.detokenize(list(ids), special=False)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for chat messages, through the GGUF's own chat template."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.path.name} has no chat template; pass a plain prompt")
+        bos = self._token_text(self.llm.token_bos())
+        eos = self._token_text(self.llm.token_eos())
+        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        return fmt(messages=messages).prompt
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llama_cpp.llama_token_get_text(self.llm._model.vocab, token).decode("utf-8", "replace")
+
+    # -- decoding -------------------------------------------------------------------
+
+    def _logits_after(self, committed: Sequence[int]) -> np.ndarray:
+        """Bring the KV cache to `committed` (reusing the common prefix); last-position logits."""
+        n = len(committed)
+        if n == 0:
+            raise ValueError("need at least one token of context")
+        if n > self.n_ctx:
+            raise ValueError(f"context of {n} tokens exceeds the draft's n_ctx {self.n_ctx}")
+        keep = 0
+        for a, b in zip(self._tokens, committed):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, n - 1)  # the last token is re-evaluated to get its logits
+        self.llm.n_tokens = keep  # Llama.eval drops the KV cache beyond n_tokens
+        del self._tokens[keep:]
+        self._eval(committed[keep:])
+        return self._last_logits()
+
+    def _eval(self, ids: Sequence[int]) -> None:
+        self.llm.eval(list(ids))
+        self._tokens.extend(ids)
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def draft(
+        self,
+        committed: Sequence[int],
+        gamma: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+    ) -> Draft:
+        """Sample gamma tokens after `committed`, keeping each exact Q_i."""
+        if gamma > self._q_rows.shape[0]:
+            raise ValueError(f"gamma {gamma} exceeds the drafter's buffer of {self._q_rows.shape[0]}")
+        if len(committed) + gamma > self.n_ctx:
+            raise ValueError("draft would exceed the draft model's context")
+        logits = self._logits_after(committed)
+        for i in range(gamma):
+            row = probabilities(logits, params, out=self._q_rows[i])
+            tok = int(np.argmax(logits)) if params.greedy else sample(row, rng)
+            self._ids[i] = tok
+            self._q_draft[i] = row[tok]
+            if i + 1 < gamma:
+                self._eval([tok])
+                logits = self._last_logits()
+        return Draft(self._ids[:gamma], self._q_draft[:gamma], self._q_rows[:gamma])
+
+    def q_row(self, i: int) -> np.ndarray:
+        """Q_i of the latest draft (for the residual resample at position i)."""
+        return self._q_rows[i]
+
+    def next_token(
+        self, committed: Sequence[int], params: SamplingParams, rng: np.random.Generator
+    ) -> int:
+        """Device-only decoding: one token from the draft model alone."""
+        return int(self.draft(committed, 1, params, rng).ids[0])
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,295 @@
+"""The device's round loop for each mode, over one `EdgeLink`.
+
+Modes: "dssd" (split verification, compact downlink), "dssd-paper" (full fp32 P_j down,
+as published), "dsd" (full Q rows up, edge verifies alone), "edge-only" (the edge
+decodes and streams), "device-only" (the draft model alone, no edge).
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from device_runtime.drafter import LlamaDrafter
+from device_runtime.transport import EdgeLink
+from protocol import wire
+from protocol.downlink import resample_from_verdict
+from protocol.sampling import DEVICE_STREAM, SamplingParams, rng_for
+from protocol.stats import RoundStats
+from protocol.verification import VerdictKind
+from protocol.vocab import vocab_fingerprint
+
+log = logging.getLogger(__name__)
+
+MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
+TokenCallback = Callable[[list[int], str], None]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    mode: str = "dssd"
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(0.7, 40, 0.95))
+    gamma: int = 4
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    downlink: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.gamma < 0:
+            raise ValueError("gamma must be >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError("seed must be in [0, 2^63)")
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rounds: RoundStats = field(default_factory=RoundStats)
+    edge: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return (self.bytes_up + self.bytes_down) / self.tokens if self.tokens else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rounds"] = self.rounds.as_dict()
+        d["acceptance_per_position"] = [round(a, 4) for a in self.rounds.acceptance_per_position()]
+        d["tokens_per_s"] = round(self.tokens_per_s, 3)
+        d["bytes_per_token"] = round(self.bytes_per_token, 2)
+        return d
+
+    def summary(self) -> str:
+        r = self.rounds
+        lines = [
+            f"mode {self.mode}: {self.tokens} tokens in {self.wall_s:.2f} s "
+            f"({self.tokens_per_s:.1f} tok/s), time to first token {self.ttft_s * 1000:.0f} ms",
+        ]
+        if r.rounds:
+            per_pos = " ".join(f"{a:.2f}" for a in r.acceptance_per_position())
+            lines.append(
+                f"  rounds {r.rounds}, drafted {r.draft_tokens}, accepted {r.accepted_tokens} "
+                f"(rate {r.acceptance_rate:.2f}), mean accepted length {r.mean_accepted_length:.2f}"
+            )
+            lines.append(f"  acceptance per position: {per_pos}")
+        if self.bytes_up or self.bytes_down:
+            lines.append(
+                f"  bytes up {self.bytes_up}, down {self.bytes_down}, "
+                f"{self.bytes_per_token:.1f} bytes per token"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class GenerationResult:
+    ids: list[int]
+    text: str
+    finish_reason: str  # "eos" | "length" | "stop"
+    stats: GenerationStats
+
+
+class _Output:
+    """Commits tokens: EOS / length / stop-string handling and streaming, for every mode."""
+
+    def __init__(
+        self,
+        drafter: LlamaDrafter,
+        config: GenerationConfig,
+        eos_ids: Sequence[int],
+        on_tokens: TokenCallback | None,
+        t0: float,
+    ) -> None:
+        self.ids: list[int] = []
+        self.finish_reason = ""
+        self._drafter = drafter
+        self._config = config
+        self._eos = set(eos_ids)
+        self._on_tokens = on_tokens
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text: list[str] = []
+        self._t0 = t0
+        self.ttft_s = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def commit(self, ids: Sequence[int]) -> bool:
+        """Append committed ids; returns True when generation is finished."""
+        new: list[int] = []
+        for tok in ids:
+            new.append(int(tok))
+            if tok in self._eos:
+                self.finish_reason = "eos"
+                break
+            if len(self.ids) + len(new) >= self._config.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        if not new:
+            return bool(self.finish_reason)
+        if not self.ids:
+            self.ttft_s = time.perf_counter() - self._t0
+        self.ids.extend(new)
+        visible = [t for t in new if t not in self._eos]
+        piece = self._decoder.decode(self._drafter.detokenize(visible)) if visible else ""
+        if self._config.stop and piece:
+            full = self.text + piece
+            cut = min((i for i in (full.find(s) for s in self._config.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                piece = full[len(self.text) : max(cut, len(self.text))]
+                self.finish_reason = "stop"
+        self._text.append(piece)
+        if self._on_tokens is not None:
+            self._on_tokens(new, piece)
+        return bool(self.finish_reason)
+
+
+class DeviceClient:
+    """Runs generation requests for one drafter, against one edge connection (lazily opened)."""
+
+    def __init__(self, drafter: LlamaDrafter, edge_url: str | None = None, *, client_name: str = "") -> None:
+        self.drafter = drafter
+        self.edge_url = edge_url
+        self.client_name = client_name
+        self._link: EdgeLink | None = None
+        self._fingerprint = vocab_fingerprint(drafter.vocab_tokens())
+
+    async def connect(self) -> EdgeLink:
+        if self._link is None:
+            if not self.edge_url:
+                raise ValueError("this mode needs an edge: pass edge_url (ws://HOST:PORT)")
+            hello = wire.Hello(wire.VERSION, self._fingerprint, self.drafter.n_vocab, self.client_name)
+            self._link = await EdgeLink.connect(self.edge_url, hello)
+            log.info("connected to edge %s (model %s)", self.edge_url, self._link.welcome.model)
+        return self._link
+
+    async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        on_tokens: TokenCallback | None = None,
+    ) -> GenerationResult:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        t0 = time.perf_counter()
+        stats = GenerationStats(mode=config.mode, prompt_tokens=len(prompt))
+        if config.mode == "device-only":
+            out = _Output(self.drafter, config, self.drafter.eos_token_ids, on_tokens, t0)
+            self._device_only(prompt, config, out, stats)
+        else:
+            link = await self.connect()
+            up0, down0 = link.bytes_up, link.bytes_down
+            eos = set(link.welcome.eos_token_ids) | set(self.drafter.eos_token_ids)
+            out = _Output(self.drafter, config, sorted(eos), on_tokens, t0)
+            start = wire.Start(
+                mode=config.mode,
+                sampling=config.sampling,
+                seed=config.seed,
+                max_new_tokens=config.max_new_tokens,
+                prompt_ids=np.asarray(prompt, np.int32),
+                downlink=config.downlink,
+            )
+            await link.send(start)
+            if config.mode == "edge-only":
+                await self._edge_only(link, out)
+            else:
+                await self._speculate(link, prompt, config, out, stats)
+            await link.send(wire.End(len(prompt) + len(out.ids)))
+            while True:  # edge-only may still have tokens in flight before Done
+                msg = await link.recv((wire.Done, wire.Tokens))
+                if isinstance(msg, wire.Done):
+                    stats.edge = msg.stats
+                    break
+            stats.bytes_up = link.bytes_up - up0
+            stats.bytes_down = link.bytes_down - down0
+        stats.tokens = len(out.ids)
+        stats.wall_s = time.perf_counter() - t0
+        stats.ttft_s = out.ttft_s
+        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats)
+
+    def _device_only(
+        self, prompt: list[int], config: GenerationConfig, out: _Output, stats: GenerationStats
+    ) -> None:
+        rng = rng_for(config.seed, DEVICE_STREAM)
+        committed = list(prompt)
+        while True:
+            tok = self.drafter.next_token(committed, config.sampling, rng)
+            committed.append(tok)
+            if out.commit([tok]):
+                return
+
+    async def _edge_only(self, link: EdgeLink, out: _Output) -> None:
+        while True:
+            msg = await link.recv(wire.Tokens)
+            if out.commit(msg.ids.tolist()) or msg.done:
+                return
+
+    async def _speculate(
+        self,
+        link: EdgeLink,
+        prompt: list[int],
+        config: GenerationConfig,
+        out: _Output,
+        stats: GenerationStats,
+    ) -> None:
+        """dssd / dssd-paper / dsd rounds until EOS, length or a stop string."""
+        rng = rng_for(config.seed, DEVICE_STREAM)
+        greedy = config.sampling.greedy
+        max_gamma = min(config.gamma, link.welcome.max_gamma)
+        committed = list(prompt)
+        prefix: list[int] = []
+        round_no = 0
+        while True:
+            t_round = time.perf_counter()
+            gamma = min(max_gamma, config.max_new_tokens - len(out.ids) - 1)
+            d = self.drafter.draft(committed, gamma, config.sampling, rng)
+            msg = wire.Draft(
+                n_committed=len(committed),
+                prefix_ids=np.asarray(prefix, np.int32),
+                draft_ids=d.ids,
+                q_draft=None if (greedy or config.mode == "dsd") else d.q_draft,
+                q_rows=d.q_rows if config.mode == "dsd" else None,
+            )
+            round_no += 1
+            await link.send(msg, round=round_no)
+            verdict = await link.recv(wire.VerdictMsg)
+            j = verdict.n_accepted
+            if j > gamma:
+                raise wire.Malformed(f"edge accepted {j} of {gamma} drafts")
+            if verdict.kind is VerdictKind.RESAMPLE:
+                token = resample_from_verdict(verdict, self.drafter.q_row(j), rng)
+                prefix = [token]
+            else:
+                token = verdict.token
+                prefix = []
+            new = d.ids[:j].tolist() + [token]
+            committed.extend(new)
+            stats.rounds.record_round(gamma, j, time.perf_counter() - t_round)
+            if out.commit(new):
+                return
+

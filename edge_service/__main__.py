@@ -1,0 +1,71 @@
+"""`python -m edge_service`: serve a target model to devices over WebSocket."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from edge_service.server import EdgeServer, ServerConfig
+from edge_service.session import EdgeLimits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantize.defaults import default_models
+
+    p = argparse.ArgumentParser(
+        prog="python -m edge_service",
+        description="Edge half of DSSD: verify drafts from devices with the target model.",
+    )
+    p.add_argument("--model", default=None,
+                   help="target: an HF model directory or a .gguf file "
+                        f"(default: {default_models().target_gguf})")
+    p.add_argument("--backend", choices=("torch",), default="torch", help="target runtime")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote devices)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--max-gamma", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--max-context", type=int, default=None, help="cap below the model's context")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from edge_service.backends.torch_backend import TorchTargetModel
+    from quantize.defaults import default_models
+
+    model_path = args.model or default_models().target_gguf
+    model = TorchTargetModel(model_path, dtype=args.dtype, device=args.device, threads=args.threads)
+    limits = EdgeLimits(max_gamma=args.max_gamma, max_new_tokens=args.max_new_tokens,
+                        max_context=args.max_context)
+    server = EdgeServer(model, ServerConfig(args.host, args.port, args.max_sessions, limits))
+    port = await server.start()
+    print(f"edge_service ready on ws://{args.host}:{port} serving {model.name}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down")
+    await server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(_serve(args))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

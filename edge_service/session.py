@@ -1,0 +1,311 @@
+"""Per-device state on the edge: KV cache, request settings, randomness and statistics.
+
+`EdgeSession` is the protocol state machine of one connection, free of network code:
+decoded messages in, messages to send out. The server feeds it frames and runs it in a
+worker thread; tests can drive it directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_service.backends.base import TargetModel, TargetSequence
+from protocol import wire
+from protocol.downlink import DOWNLINKS, MODES, choose_downlink, encode_rejection
+from protocol.sampling import EDGE_STREAM, SamplingParams, probabilities, rng_for, sample
+from protocol.stats import RoundStats
+from protocol.verification import VerdictKind, dsd_verify, edge_verify, greedy_verify
+from protocol.vocab import vocab_fingerprint
+from protocol.wire import ErrorCode
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Caps that keep one client from making the verifier do unbounded work."""
+
+    max_gamma: int = 16
+    max_new_tokens: int = 2048
+    max_context: int | None = None  # None: the model's own context
+    max_frame_bytes: int = 8 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """A request the edge refuses; becomes an Error frame with `code`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Request:
+    mode: str
+    sampling: SamplingParams
+    downlink: str
+    max_new_tokens: int
+    n_prompt: int
+    rng: np.random.Generator
+    stats: RoundStats
+    committed: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # committed, not yet in the KV cache
+    done: bool = False
+
+
+class EdgeSession:
+    """One device connection: handshake, then requests of rounds."""
+
+    def __init__(self, model: TargetModel, limits: EdgeLimits, session_id: int) -> None:
+        self.model = model
+        self.limits = limits
+        self.session_id = session_id
+        self.fingerprint = vocab_fingerprint(model.vocab_tokens)
+        self.max_context = min(limits.max_context or model.max_context, model.max_context)
+        self._seq: TargetSequence | None = None
+        self._cached: list[int] = []  # token ids held in the KV cache, for prefix reuse
+        self._request: _Request | None = None
+        self._greeted = False
+        self._p_rows: np.ndarray | None = None  # preallocated (max_gamma + 1, V) buffer
+
+    # -- handshake ------------------------------------------------------------------
+
+    def hello(self, msg: wire.Hello) -> wire.Welcome:
+        if self._greeted:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "hello sent twice")
+        if msg.protocol_version != wire.VERSION:
+            raise ProtocolError(
+                ErrorCode.VERSION,
+                f"device speaks protocol {msg.protocol_version}, edge speaks {wire.VERSION}",
+            )
+        if msg.vocab_fingerprint != self.fingerprint or msg.n_vocab > self.model.n_vocab:
+            raise ProtocolError(
+                ErrorCode.VOCAB_MISMATCH,
+                f"vocabulary mismatch: device {msg.vocab_fingerprint} ({msg.n_vocab} tokens), "
+                f"edge model {self.model.name} {self.fingerprint} ({len(self.model.vocab_tokens)} tokens)",
+            )
+        self._greeted = True
+        return wire.Welcome(
+            session_id=self.session_id,
+            model=self.model.name,
+            vocab_fingerprint=self.fingerprint,
+            n_vocab=self.model.n_vocab,
+            eos_token_ids=self.model.eos_token_ids,
+            max_gamma=self.limits.max_gamma,
+            max_context=self.max_context,
+            max_new_tokens=self.limits.max_new_tokens,
+            downlinks=DOWNLINKS,
+        )
+
+    # -- dispatch -------------------------------------------------------------------
+
+    @property
+    def streaming(self) -> bool:
+        """True while an edge-only request still has tokens to produce."""
+        r = self._request
+        return r is not None and r.mode == "edge-only" and not r.done
+
+    def handle(self, msg: wire.Message) -> list[wire.Message]:
+        if not self._greeted:
+            if isinstance(msg, wire.Hello):
+                return [self.hello(msg)]
+            raise ProtocolError(ErrorCode.UNEXPECTED, "the first frame must be a Hello")
+        if isinstance(msg, wire.Start):
+            return self.start(msg)
+        if isinstance(msg, wire.Draft):
+            return [self.verify(msg)]
+        if isinstance(msg, wire.End):
+            return [self.end(msg)]
+        raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__} frame")
+
+    # -- requests -------------------------------------------------------------------
+
+    def start(self, msg: wire.Start) -> list[wire.Message]:
+        if self._request is not None and not self._request.done:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "a request is already running on this session")
+        if msg.mode not in MODES:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"unknown mode {msg.mode!r}; edge modes: {MODES}")
+        if msg.downlink not in DOWNLINKS:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"unknown downlink {msg.downlink!r}; supported: {DOWNLINKS}")
+        if not 0 <= msg.seed <= MAX_SEED:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "seed must be in [0, 2^63)")
+        prompt = msg.prompt_ids
+        if prompt.size == 0:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "empty prompt")
+        if prompt.min() < 0 or prompt.max() >= self.model.n_vocab:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "prompt token id outside the vocabulary")
+        if not 1 <= msg.max_new_tokens <= self.limits.max_new_tokens:
+            raise ProtocolError(
+                ErrorCode.LIMIT, f"max_new_tokens must be in [1, {self.limits.max_new_tokens}]"
+            )
+        if prompt.size + msg.max_new_tokens > self.max_context:
+            raise ProtocolError(
+                ErrorCode.LIMIT,
+                f"prompt ({prompt.size}) + max_new_tokens ({msg.max_new_tokens}) exceeds the "
+                f"context of {self.max_context}",
+            )
+        ids = prompt.astype(np.int64).tolist()
+        stats = RoundStats()
+        t0 = time.perf_counter()
+        self._prefill(ids[:-1])
+        stats.prefill_s = time.perf_counter() - t0
+        self._request = _Request(
+            mode=msg.mode,
+            sampling=msg.sampling,
+            downlink=choose_downlink(msg.mode, msg.downlink, msg.sampling),
+            max_new_tokens=msg.max_new_tokens,
+            n_prompt=len(ids),
+            rng=rng_for(msg.seed, EDGE_STREAM),
+            stats=stats,
+            committed=ids,
+            pending=ids[-1:],
+        )
+        return []
+
+    def _prefill(self, ids: list[int]) -> None:
+        """Bring the KV cache to exactly `ids`, reusing the longest cached common prefix."""
+        if self._seq is None:
+            self._seq = self.model.new_sequence()
+            self._cached = []
+        keep = 0
+        for a, b in zip(self._cached, ids):
+            if a != b:
+                break
+            keep += 1
+        self._seq.rollback(keep)
+        self._cached = self._cached[:keep]
+        if keep < len(ids):
+            self._seq.forward(ids[keep:])
+            self._cached = list(ids)
+
+    def _require_request(self) -> _Request:
+        r = self._request
+        if r is None or r.done:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "no request is running: send Start first")
+        return r
+
+    def _forward(self, r: _Request, new_ids: list[int]) -> np.ndarray:
+        assert self._seq is not None
+        logits = self._seq.forward(new_ids)
+        self._cached.extend(new_ids)
+        return logits
+
+    def _keep(self, n_tokens: int) -> None:
+        assert self._seq is not None
+        self._seq.rollback(n_tokens)
+        del self._cached[n_tokens:]
+
+    def verify(self, msg: wire.Draft) -> wire.VerdictMsg:
+        """One DSSD / DSD round: forward pending + draft, verify, roll back, answer."""
+        r = self._require_request()
+        if r.mode == "edge-only":
+            raise ProtocolError(ErrorCode.UNEXPECTED, "drafts are not part of edge-only mode")
+        prefix = msg.prefix_ids.astype(np.int64).tolist()
+        draft = msg.draft_ids.astype(np.int64)
+        gamma = draft.size
+        n_vocab = self.model.n_vocab
+        if len(r.committed) + len(prefix) != msg.n_committed:
+            raise ProtocolError(
+                ErrorCode.DESYNC,
+                f"device says {msg.n_committed} committed tokens, edge has "
+                f"{len(r.committed)} + {len(prefix)} new",
+            )
+        if gamma > self.limits.max_gamma:
+            raise ProtocolError(ErrorCode.LIMIT, f"gamma {gamma} exceeds the cap of {self.limits.max_gamma}")
+        if len(prefix) > 1 + self.limits.max_gamma:
+            raise ProtocolError(ErrorCode.LIMIT, "too many prefix tokens in one draft")
+        if not r.pending and not prefix:
+            raise ProtocolError(ErrorCode.DESYNC, "the resampled token is missing from this draft")
+        if msg.n_committed - r.n_prompt >= r.max_new_tokens:
+            raise ProtocolError(ErrorCode.LIMIT, "max_new_tokens already reached")
+        if msg.n_committed + gamma + 1 > self.max_context:
+            raise ProtocolError(ErrorCode.LIMIT, f"the sequence would exceed the context of {self.max_context}")
+        ids = np.concatenate([np.asarray(prefix, np.int64), draft])
+        if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "token id outside the vocabulary")
+        sampling = r.sampling
+        needs_q = not sampling.greedy
+        if r.mode == "dsd":
+            if msg.q_rows is None or msg.q_rows.shape[1] != n_vocab:
+                raise ProtocolError(ErrorCode.UNSUPPORTED, f"dsd drafts carry full Q rows of length {n_vocab}")
+        elif needs_q and (msg.q_draft is None):
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "sampled dssd drafts carry q(x) for each token")
+
+        t0 = time.perf_counter()
+        r.committed.extend(prefix)
+        new = r.pending + prefix + draft.tolist()
+        n_before = len(self._cached)
+        logits = self._forward(r, new)[-(gamma + 1) :]
+        if sampling.greedy:
+            verdict = greedy_verify(logits.argmax(axis=1), draft)
+            p_rows = None
+        else:
+            p_rows = probabilities(logits, sampling, out=self._rows_buffer(gamma + 1))
+            try:
+                if r.mode == "dsd":
+                    verdict = dsd_verify(p_rows, msg.q_rows.astype(np.float32), draft, r.rng)
+                else:
+                    verdict = edge_verify(p_rows, draft, msg.q_draft, r.rng)
+            except ValueError as exc:
+                raise ProtocolError(ErrorCode.UNSUPPORTED, f"invalid draft: {exc}") from None
+        j = verdict.n_accepted
+        self._keep(n_before + len(new) - gamma + j)
+        r.committed.extend(draft[:j].tolist())
+        if verdict.kind is VerdictKind.RESAMPLE:
+            r.pending = []
+            reply = encode_rejection(verdict, p_rows[j], r.downlink)
+        else:
+            r.committed.append(verdict.token)
+            r.pending = [verdict.token]
+            reply = wire.VerdictMsg(verdict.kind, j, verdict.token)
+        r.stats.record_round(gamma, j, time.perf_counter() - t0)
+        return reply
+
+    def _rows_buffer(self, n: int) -> np.ndarray:
+        if self._p_rows is None:
+            self._p_rows = np.empty((self.limits.max_gamma + 1, self.model.n_vocab), np.float32)
+        return self._p_rows[:n]
+
+    def edge_only_step(self) -> wire.Tokens:
+        """Edge-only decoding: one target token per call (the server streams them)."""
+        r = self._require_request()
+        t0 = time.perf_counter()
+        logits = self._forward(r, r.pending)[-1]
+        if r.sampling.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = sample(probabilities(logits, r.sampling, out=self._rows_buffer(1)[0]), r.rng)
+        r.committed.append(token)
+        r.pending = [token]
+        r.stats.record_round(0, 0, time.perf_counter() - t0)
+        generated = len(r.committed) - r.n_prompt
+        r.done = (
+            generated >= r.max_new_tokens
+            or token in self.model.eos_token_ids
+            or len(r.committed) >= self.max_context
+        )
+        return wire.Tokens(np.array([token], np.int32), done=r.done)
+
+    def end(self, msg: wire.End) -> wire.Done:
+        r = self._request
+        if r is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "no request to end")
+        r.done = True
+        self._request = None
+        stats: dict[str, Any] = r.stats.as_dict()
+        stats["committed"] = len(r.committed)
+        stats["device_committed"] = msg.n_committed
+        return wire.Done(stats)
+
+    def close(self) -> None:
+        if self._seq is not None:
+            self._seq.release()
+            self._seq = None
+        self._cached = []
+        self._request = None
