@@ -65,6 +65,7 @@ class LlamaDrafter:
         self.n_vocab = int(self.llm.n_vocab())
         self.n_ctx = n_ctx
         self._tokens: list[int] = []  # exactly what the KV cache holds
+        self._eog: tuple[int, ...] | None = None
         self._q_rows = np.empty((max_gamma + 1, self.n_vocab), np.float32)
         self._ids = np.empty(max_gamma + 1, np.int32)
         self._q_draft = np.empty(max_gamma + 1, np.float32)
@@ -74,15 +75,16 @@ class LlamaDrafter:
     def vocab_tokens(self) -> list[bytes]:
         vocab = self.llm._model.vocab
         n = self._llama_cpp.llama_vocab_n_tokens(vocab)
-        return [self._llama_cpp.llama_token_get_text(vocab, i) for i in range(n)]
+        return [self._llama_cpp.llama_vocab_get_text(vocab, i) for i in range(n)]
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        ids = {int(self.llm.token_eos())}
-        eot = self._llama_cpp.llama_vocab_eot(self.llm._model.vocab)
-        if eot >= 0:
-            ids.add(int(eot))
-        return tuple(sorted(i for i in ids if i >= 0))
+        """End-of-generation ids as llama.cpp defines them (EOS, EOT, ...)."""
+        if self._eog is None:
+            vocab = self.llm._model.vocab
+            is_eog = self._llama_cpp.llama_vocab_is_eog
+            self._eog = tuple(i for i in range(self.n_vocab) if is_eog(vocab, i))
+        return self._eog
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
@@ -105,7 +107,7 @@ class LlamaDrafter:
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._llama_cpp.llama_token_get_text(self.llm._model.vocab, token).decode("utf-8", "replace")
+        return self._llama_cpp.llama_vocab_get_text(self.llm._model.vocab, token).decode("utf-8", "replace")
 
     # -- decoding -------------------------------------------------------------------
 

@@ -204,8 +204,8 @@ class DeviceClient:
         else:
             link = await self.connect()
             up0, down0 = link.bytes_up, link.bytes_down
-            eos = set(link.welcome.eos_token_ids) | set(self.drafter.eos_token_ids)
-            out = _Output(self.drafter, config, sorted(eos), on_tokens, t0)
+            # the target decides where its output ends: its EOS set, not the draft's
+            out = _Output(self.drafter, config, link.welcome.eos_token_ids, on_tokens, t0)
             start = wire.Start(
                 mode=config.mode,
                 sampling=config.sampling,

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="target: an HF model directory or a .gguf file "
                         f"(default: {default_models().target_gguf})")
-    p.add_argument("--backend", choices=("torch",), default="torch", help="target runtime")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="target runtime")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -40,7 +40,13 @@ async def _serve(args: argparse.Namespace) -> None:
     from quantize.defaults import default_models
 
     model_path = args.model or default_models().target_gguf
-    model = TorchTargetModel(model_path, dtype=args.dtype, device=args.device, threads=args.threads)
+    if args.backend == "onnx":  # an edge-export directory; CUDA when --device is cuda
+        from edge_service.backends.onnx_backend import OnnxTargetModel
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device.startswith("cuda") else None
+        model = OnnxTargetModel(model_path, providers=providers, threads=args.threads)
+    else:
+        model = TorchTargetModel(model_path, dtype=args.dtype, device=args.device, threads=args.threads)
     limits = EdgeLimits(max_gamma=args.max_gamma, max_new_tokens=args.max_new_tokens,
                         max_context=args.max_context)
     server = EdgeServer(model, ServerConfig(args.host, args.port, args.max_sessions, limits))

@@ -91,7 +91,7 @@ class EdgeServer:
                 try:
                     replies = await self._run(session.handle, frame.message)
                 except ProtocolError as exc:
-                    log.info("session %d refused: %s", session.session_id, exc)
+                    log.warning("session %d refused: %s", session.session_id, exc)
                     await _refuse(ws, exc.code, str(exc))
                     return
                 for reply in replies:
@@ -128,3 +128,31 @@ async def _refuse(ws: ServerConnection, code: ErrorCode, message: str) -> None:
         await ws.close(code=1008 if code != ErrorCode.INTERNAL else 1011, reason=code.name)
     except ConnectionClosed:
         pass
+
+
+class EdgeServerThread:
+    """Runs an `EdgeServer` on its own event loop in a background thread.
+
+    For embedding an edge in another process: tests, benchmarks and the demo. Use as a
+    context manager; `url` is valid inside the block.
+    """
+
+    def __init__(self, model: TargetModel, config: ServerConfig | None = None) -> None:
+        import threading
+
+        self.server = EdgeServer(model, config or ServerConfig(port=0))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="edge-server", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> "EdgeServerThread":
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
+        self.url = f"ws://{self.server.config.host}:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=60)
+        self._loop.close()

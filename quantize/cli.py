@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .defaults import MODEL_NAME, MODELS_DIR_ENV, PrepareError, prepare_default_models
-from .requantize import RequantizeError
+from .errors import ToolError
+from .requantize import QuantizeReport, RequantizeError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_prepare_default(subparsers)
+    _add_gguf(subparsers)
+    _add_hf_to_gguf(subparsers)
+    _add_edge_export(subparsers)
+    _add_check_pair(subparsers)
     return parser
 
 
@@ -62,6 +67,152 @@ def _run_prepare_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gguf(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "gguf",
+        help="re-quantize a GGUF with llama.cpp (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)",
+        description=(
+            "Quantize SRC to DST at --type with llama.cpp's own quantizer; a quantized SRC is "
+            "dequantized to F16 first. Prints the size and, per tensor type, what llama.cpp actually "
+            "used: k-quants fall back to legacy types on rows whose width is not a multiple of 256."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="source GGUF (any type)")
+    p.add_argument("dst", metavar="DST", help="output GGUF")
+    p.add_argument("--type", required=True, metavar="TYPE", help="llama.cpp type, e.g. Q4_K_M, Q5_K_M, Q8_0, Q4_0, F16")
+    p.add_argument("--threads", type=int, default=0, help="quantizer threads (default 0: all cores)")
+    p.set_defaults(handler=_run_gguf)
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from .gguf_quant import requantize
+
+    result = requantize(args.src, args.dst, args.type, nthread=args.threads, progress=not args.quiet)
+    _print_report(result.report)
+    print(f"fallback\t{result.fallback.describe() if result.fallback else 'none'}")
+    return 0
+
+
+def _add_hf_to_gguf(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .hf_to_gguf import OUTTYPES, SUPPORTED_ARCHITECTURES
+
+    p = subparsers.add_parser(
+        "hf-to-gguf",
+        help="convert a Hugging Face llama-family checkpoint to GGUF (tokenizer included)",
+        description=(
+            f"Convert HF_DIR ({', '.join(SUPPORTED_ARCHITECTURES)}; SmolLM is Llama) to a GGUF that "
+            "llama.cpp loads, with the tokenizer. Other architectures are refused."
+        ),
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, weights and tokenizer")
+    p.add_argument("out", metavar="OUT.gguf", help="output GGUF")
+    p.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16", help="tensor type (default f16)")
+    p.add_argument("--tokenizer-pre", metavar="NAME", default=None,
+                   help="llama.cpp pre-tokenizer name, when it cannot be recognised from tokenizer.json")
+    p.set_defaults(handler=_run_hf_to_gguf)
+
+
+def _run_hf_to_gguf(args: argparse.Namespace) -> int:
+    from .hf_to_gguf import convert_hf_to_gguf
+
+    report = convert_hf_to_gguf(args.hf_dir, args.out, args.outtype, tokenizer_pre=args.tokenizer_pre,
+                                progress=not args.quiet)
+    _print_report(report)
+    return 0
+
+
+def _add_edge_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .edge_export import DTYPES, FORMATS
+
+    p = subparsers.add_parser(
+        "edge-export",
+        help="GGUF or HF model -> edge model directory (safetensors and/or ONNX with KV cache)",
+        description=(
+            "Export SRC (a .gguf or an HF directory) to OUT_DIR for the edge: HF safetensors for the "
+            "torch backend and/or ONNX with KV-cache inputs/outputs for the onnx backend (optionally "
+            "int8 weights). Each ONNX file is checked against PyTorch before the command succeeds."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="source .gguf file or HF model directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
+    p.add_argument("--format", choices=FORMATS, default="both", help="what to write (default both)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weight precision (ONNX: fp32/fp16)")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8) and serve it")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.set_defaults(handler=_run_edge_export)
+
+
+def _run_edge_export(args: argparse.Namespace) -> int:
+    from .edge_export import edge_export
+
+    result = edge_export(args.src, args.out_dir, fmt=args.format, dtype=args.dtype, int8=args.int8,
+                         overwrite=args.overwrite, threads=args.threads)
+    print(f"out_dir\t{result.out_dir.absolute()}")
+    print(f"files\t{' '.join(result.files)}")
+    for variant, diff in result.onnx_check.items():
+        print(f"onnx_{variant}_max_logit_diff\t{diff:.3g}")
+    return 0
+
+
+def _add_check_pair(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .check_pair import BACKENDS, BUILTIN_PROMPTS
+
+    p = subparsers.add_parser(
+        "check-pair",
+        help="check a device draft GGUF against an edge model: same tokenizer? acceptance rate?",
+        description=(
+            "Refuse the pair unless DEVICE_GGUF and EDGE_MODEL have identical tokenizers (the DSSD "
+            "handshake fingerprint), then measure on "
+            f"{len(BUILTIN_PROMPTS)} built-in chat prompts, along the target's greedy continuation: greedy "
+            "agreement (acceptance of greedy speculative decoding) and alpha = mean sum min(p, q) "
+            "(acceptance of a sampled draft token)."
+        ),
+    )
+    p.add_argument("device", metavar="DEVICE_GGUF", help="the device's draft GGUF")
+    p.add_argument("edge", metavar="EDGE_MODEL", help="edge target: .gguf, HF directory or edge-export directory")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="edge runtime (auto: onnx for an ONNX edge-export directory, else torch)")
+    p.add_argument("--tokens", type=int, default=32, help="target tokens per prompt (default 32)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for alpha (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k for alpha (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p for alpha (default 1: off)")
+    p.add_argument("--gamma", type=int, default=4, help="draft length for the expected tokens per round")
+    p.add_argument("--threads", type=int, default=None, help="threads for both runtimes (default: all cores)")
+    p.set_defaults(handler=_run_check_pair)
+
+
+def _run_check_pair(args: argparse.Namespace) -> int:
+    from protocol.sampling import SamplingParams
+
+    from .check_pair import check_pair
+
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        raise ToolError(str(exc)) from exc
+    if args.tokens < 1 or args.gamma < 1:
+        raise ToolError("--tokens and --gamma must be at least 1")
+    report = check_pair(args.device, args.edge, backend=args.backend, sampling=sampling,
+                        n_tokens=args.tokens, threads=args.threads)
+    print(f"vocab\tidentical {report.fingerprint} ({report.n_vocab_device} device / {report.n_vocab_edge} edge rows)")
+    for r in report.prompts:
+        print(f"prompt\t{r.greedy_agreement:.3f}\t{r.alpha:.3f}\t{r.positions}\t{r.prompt}")
+    print(f"positions\t{report.positions}")
+    print(f"greedy_agreement\t{report.greedy_agreement:.3f}")
+    print(f"alpha\t{report.alpha:.3f}")
+    print(f"expected_tokens_per_round_gamma{args.gamma}\t{report.expected_tokens_per_round(args.gamma):.2f}")
+    return 0
+
+
+def _print_report(report: QuantizeReport) -> None:
+    """A written GGUF as key/value lines: path, size, per-type tensor counts."""
+    print(f"path\t{report.path.absolute()}")
+    print(f"size_bytes\t{report.size_bytes}")
+    print(f"size_mb\t{report.size_bytes / 1e6:.1f}")
+    print(f"tensor_types\t{' '.join(f'{t}={n}' for t, n in sorted(report.tensor_types.items()))}")
+
+
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -82,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (PrepareError, RequantizeError) as exc:
+    except (PrepareError, RequantizeError, ToolError) as exc:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
         return 1
     except KeyboardInterrupt:

@@ -85,7 +85,7 @@ class TorchTargetModel(TargetModel):
         torch = self._torch
         ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self._device)
         with torch.inference_mode():
-            out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = self._model(input_ids=ids, cache=cache, use_cache=True)
         return out.logits[0].float().cpu().numpy()
 
 

