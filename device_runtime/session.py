@@ -17,7 +17,7 @@ import numpy as np
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.transport import EdgeLink
 from protocol import wire
-from protocol.downlink import resample_from_verdict
+from protocol.downlink import MAX_CANDIDATES, CandidateBudget, resample_from_verdict
 from protocol.sampling import DEVICE_STREAM, SamplingParams, rng_for
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind
@@ -264,6 +264,7 @@ class DeviceClient:
         committed = list(prompt)
         prefix: list[int] = []
         round_no = 0
+        budget = CandidateBudget()
         while True:
             t_round = time.perf_counter()
             gamma = min(max_gamma, config.max_new_tokens - len(out.ids) - 1)
@@ -274,6 +275,7 @@ class DeviceClient:
                 draft_ids=d.ids,
                 q_draft=None if (greedy or config.mode == "dsd") else d.q_draft,
                 q_rows=d.q_rows if config.mode == "dsd" else None,
+                n_candidates=budget.k,
             )
             round_no += 1
             await link.send(msg, round=round_no)
@@ -282,7 +284,7 @@ class DeviceClient:
             if j > gamma:
                 raise wire.Malformed(f"edge accepted {j} of {gamma} drafts")
             if verdict.kind is VerdictKind.RESAMPLE:
-                token = resample_from_verdict(verdict, self.drafter.q_row(j), rng)
+                token = await self._resample(link, verdict, self.drafter.q_row(j), rng, budget, stats)
                 prefix = [token]
             else:
                 token = verdict.token
@@ -292,4 +294,37 @@ class DeviceClient:
             stats.rounds.record_round(gamma, j, time.perf_counter() - t_round)
             if out.commit(new):
                 return
+
+    async def _resample(
+        self,
+        link: EdgeLink,
+        verdict: wire.VerdictMsg,
+        q_row: np.ndarray,
+        rng: np.random.Generator,
+        budget: CandidateBudget,
+        stats: GenerationStats,
+    ) -> int:
+        """The residual draw; with candidates, ask once for more, then for the full row."""
+        trials = 0
+        asked = 0
+        while True:
+            token = resample_from_verdict(verdict, q_row, rng)
+            if not verdict.candidates:  # full row or support: always yields a token
+                break
+            if token is not None:  # trials to the first success (first occurrence of a repeat)
+                trials += 1 + int(np.flatnonzero(verdict.p_ids == token)[0])
+                break
+            trials += verdict.p_ids.size
+            want = min(2 * budget.k, MAX_CANDIDATES) if asked == 0 else 0
+            asked += 1
+            stats.rounds.more_requests += 1
+            await link.send(wire.More(want))
+            reply = await link.recv(wire.VerdictMsg)
+            if reply.kind is not VerdictKind.RESAMPLE or reply.n_accepted != verdict.n_accepted:
+                raise wire.Malformed("edge answered More with a different verdict")
+            verdict = reply
+        if trials:
+            budget.observe(trials)
+        assert token is not None
+        return token
 

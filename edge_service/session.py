@@ -15,7 +15,14 @@ import numpy as np
 
 from edge_service.backends.base import TargetModel, TargetSequence
 from protocol import wire
-from protocol.downlink import DOWNLINKS, MODES, choose_downlink, encode_rejection
+from protocol.downlink import (
+    DOWNLINKS,
+    MAX_CANDIDATES,
+    MODES,
+    candidates_message,
+    choose_downlink,
+    encode_rejection,
+)
 from protocol.sampling import EDGE_STREAM, SamplingParams, probabilities, rng_for, sample
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind, dsd_verify, edge_verify, greedy_verify
@@ -56,6 +63,7 @@ class _Request:
     stats: RoundStats
     committed: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # committed, not yet in the KV cache
+    rejected: tuple[int, np.ndarray] | None = None  # (j, P_j) while the device may ask for more
     done: bool = False
 
 
@@ -122,6 +130,8 @@ class EdgeSession:
             return [self.verify(msg)]
         if isinstance(msg, wire.End):
             return [self.end(msg)]
+        if isinstance(msg, wire.More):
+            return [self.more(msg)]
         raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__} frame")
 
     # -- requests -------------------------------------------------------------------
@@ -257,15 +267,32 @@ class EdgeSession:
         j = verdict.n_accepted
         self._keep(n_before + len(new) - gamma + j)
         r.committed.extend(draft[:j].tolist())
+        r.rejected = None
         if verdict.kind is VerdictKind.RESAMPLE:
             r.pending = []
-            reply = encode_rejection(verdict, p_rows[j], r.downlink)
+            reply = encode_rejection(verdict, p_rows[j], r.downlink, msg.n_candidates, r.rng)
+            if reply.candidates:
+                r.rejected = (j, p_rows[j].copy())
         else:
             r.committed.append(verdict.token)
             r.pending = [verdict.token]
             reply = wire.VerdictMsg(verdict.kind, j, verdict.token)
         r.stats.record_round(gamma, j, time.perf_counter() - t0)
         return reply
+
+    def more(self, msg: wire.More) -> wire.VerdictMsg:
+        """The device's candidates all failed: more candidates, or the full P_j (n = 0)."""
+        r = self._require_request()
+        if r.rejected is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "no candidate rejection is pending")
+        if msg.n_candidates > MAX_CANDIDATES:
+            raise ProtocolError(ErrorCode.LIMIT, f"at most {MAX_CANDIDATES} candidates per message")
+        j, p_row = r.rejected
+        r.stats.more_requests += 1
+        if msg.n_candidates == 0:
+            r.rejected = None
+            return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row)
+        return candidates_message(j, p_row, msg.n_candidates, r.rng)
 
     def _rows_buffer(self, n: int) -> np.ndarray:
         if self._p_rows is None:

@@ -1,52 +1,103 @@
 """What travels down after a rejection, and how the device turns it into a token.
 
 The edge's verdict on a rejection at j must let the device draw from
-norm(max(0, P_j - Q_j)). Encodings (negotiated per request):
+norm(max(0, P_j - Q_j)). Encodings (negotiated per request, all exact):
 - "full": the whole P_j row (the paper's DSSD; |V| float32);
-- "support": only P_j's non-zero entries as (id, prob) pairs, exact whenever top-k /
-  top-p truncate P_j (the residual is zero outside P_j's support);
-- "auto": support when the settings truncate, full otherwise.
+- "support": only P_j's non-zero entries as (id, prob) pairs, exact whenever P_j is
+  truncated (the residual is zero outside P_j's support);
+- "candidates": K i.i.d. draws from P_j with their probabilities (candidate residual
+  sampling); the device may ask for more (`More`), or for the full row;
+- "auto": per rejection, the support when it has at most K entries, else candidates.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from protocol import wire
 from protocol.sampling import SamplingParams
-from protocol.verification import Verdict, device_resample, device_resample_sparse
+from protocol.verification import (
+    Verdict,
+    VerdictKind,
+    candidate_resample,
+    device_resample,
+    device_resample_sparse,
+    draw_candidates,
+)
 
 #: Request modes the edge serves ("device-only" never reaches the edge).
 MODES = ("dssd", "dssd-paper", "dsd", "edge-only")
-DOWNLINKS = ("auto", "full", "support")
+DOWNLINKS = ("auto", "full", "support", "candidates")
+#: Candidates sent when the device did not say how many it wants.
+DEFAULT_CANDIDATES = 4
+MAX_CANDIDATES = 255
 
 
 def choose_downlink(mode: str, requested: str, sampling: SamplingParams) -> str:
-    """The encoding a request actually uses; the paper's mode always sends the full row."""
+    """The encoding policy a request uses; the paper's mode always sends the full row."""
     if mode == "dssd-paper":
         return "full"
-    if requested == "auto":
-        return "support" if sampling.truncates else "full"
+    if requested == "support" and not sampling.truncates:
+        return "auto"  # the support of an untruncated P_j is the whole vocabulary
     return requested
 
 
-def encode_rejection(verdict: Verdict, p_row: np.ndarray, downlink: str) -> wire.VerdictMsg:
-    """Edge side: the RESAMPLE verdict carrying P_j in the request's encoding."""
-    if downlink == "support":
-        ids = np.flatnonzero(p_row).astype(np.int32)
-        return wire.VerdictMsg(verdict.kind, verdict.n_accepted, p_ids=ids, p_values=p_row[ids])
-    return wire.VerdictMsg(verdict.kind, verdict.n_accepted, p_full=p_row.astype(np.float32, copy=True))
+def encode_rejection(
+    verdict: Verdict, p_row: np.ndarray, policy: str, k: int, rng: np.random.Generator
+) -> wire.VerdictMsg:
+    """Edge side: the RESAMPLE verdict carrying P_j (or candidates from it) per the policy."""
+    j = verdict.n_accepted
+    k = min(max(k or DEFAULT_CANDIDATES, 1), MAX_CANDIDATES)
+    if policy == "full":
+        return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row.astype(np.float32, copy=True))
+    support = np.flatnonzero(p_row) if policy in ("support", "auto") else None
+    if support is not None and (policy == "support" or support.size <= k):
+        return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_ids=support.astype(np.int32), p_values=p_row[support])
+    return candidates_message(j, p_row, k, rng)
 
 
-def resample_from_verdict(
-    msg: wire.VerdictMsg, q_row: np.ndarray, rng: np.random.Generator
-) -> int:
-    """Device side: draw the replacement token from the residual, whatever the encoding."""
+def candidates_message(j: int, p_row: np.ndarray, k: int, rng: np.random.Generator) -> wire.VerdictMsg:
+    ids, probs = draw_candidates(p_row, k, rng)
+    return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_ids=ids.astype(np.int32), p_values=probs, candidates=True)
+
+
+def resample_from_verdict(msg: wire.VerdictMsg, q_row: np.ndarray, rng: np.random.Generator) -> int | None:
+    """Device side: the replacement token, or None when all candidates failed (send `More`)."""
     if msg.p_full is not None:
         if msg.p_full.shape != q_row.shape:
             raise ValueError(f"P_j has {msg.p_full.size} entries, the draft vocabulary {q_row.size}")
         return device_resample(msg.p_full.astype(np.float32), q_row, rng)
-    if msg.p_ids is not None:
-        if msg.p_ids.size == 0 or msg.p_ids.min() < 0 or msg.p_ids.max() >= q_row.size:
-            raise ValueError("P_j support is empty or outside the vocabulary")
-        return device_resample_sparse(msg.p_ids, msg.p_values, q_row, rng)
-    raise ValueError("a RESAMPLE verdict arrived without P_j")
+    if msg.p_ids is None:
+        raise ValueError("a RESAMPLE verdict arrived without P_j")
+    if msg.p_ids.size == 0 or msg.p_ids.min() < 0 or msg.p_ids.max() >= q_row.size:
+        raise ValueError("P_j entries are empty or outside the vocabulary")
+    if not np.all(np.isfinite(msg.p_values) & (msg.p_values > 0) & (msg.p_values <= 1.0 + 1e-6)):
+        raise ValueError("P_j values must lie in (0, 1]")
+    if msg.candidates:
+        return candidate_resample(msg.p_ids, msg.p_values, q_row, rng)
+    return device_resample_sparse(msg.p_ids, msg.p_values, q_row, rng)
+
+
+@dataclass
+class CandidateBudget:
+    """Device-side choice of K, the candidates to ask for, from the trials rejections needed.
+
+    Trials until success are geometric with success probability TV(P_j, Q_j); K is set so
+    that about `miss_rate` of rejections need a second trip (`More`), from a decayed mean
+    of the observed trial counts.
+    """
+
+    k: int = DEFAULT_CANDIDATES
+    mean_trials: float = 2.0
+    decay: float = 0.9
+    miss_rate: float = 0.1
+    k_min: int = 2
+    k_max: int = 32
+
+    def observe(self, trials: int) -> None:
+        self.mean_trials = self.decay * self.mean_trials + (1 - self.decay) * max(trials, 1)
+        success = min(1.0 / self.mean_trials, 0.999)
+        k = math.ceil(math.log(self.miss_rate) / math.log(1.0 - success))
+        self.k = min(max(k, self.k_min), self.k_max)

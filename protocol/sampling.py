@@ -144,15 +144,19 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(sample_rows(probs[np.newaxis], rng)[0])
 
 
-def sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw one id per row of a (B, V) non-negative array, by inverse CDF.
+def sample_rows(probs: np.ndarray, rng: np.random.Generator, k: int | None = None) -> np.ndarray:
+    """Draw one id per row of a (B, V) non-negative array (or k i.i.d. ids per row), by inverse CDF.
 
     The cumulative sum is float64; the drawn id is the first whose cumulative mass
-    exceeds u * total, so a zero-probability id can never be drawn.
+    exceeds u * total, so a zero-probability id can never be drawn. Returns (B,) ids,
+    or (B, k) when k is given.
     """
     cum = np.cumsum(probs, axis=1, dtype=np.float64)
     total = cum[:, -1]
     if not np.all(total > 0.0):
         raise ValueError("cannot sample from an all-zero distribution")
-    threshold = rng.random(cum.shape[0]) * total
-    return np.count_nonzero(cum <= threshold[:, np.newaxis], axis=1)
+    if k is None:
+        threshold = rng.random(cum.shape[0]) * total
+        return np.count_nonzero(cum <= threshold[:, np.newaxis], axis=1)
+    threshold = rng.random((cum.shape[0], k)) * total[:, np.newaxis]
+    return np.count_nonzero(cum[:, np.newaxis, :] <= threshold[:, :, np.newaxis], axis=2)

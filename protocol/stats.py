@@ -18,6 +18,7 @@ class RoundStats:
     drafted_per_position: list[int] = field(default_factory=list)
     round_s: float = 0.0
     prefill_s: float = 0.0
+    more_requests: int = 0  # candidate downlinks that needed a second trip
 
     def record_round(self, gamma: int, n_accepted: int, seconds: float) -> None:
         self.rounds += 1
@@ -54,4 +55,5 @@ class RoundStats:
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "round_s": round(self.round_s, 6),
             "prefill_s": round(self.prefill_s, 6),
+            "more_requests": self.more_requests,
         }

@@ -6,7 +6,9 @@ is drawn from norm(max(0, P_j - Q_j)); if all gamma drafts pass, a bonus token i
 from P_{gamma+1}. The committed tokens are then distributed exactly as sampling from P.
 
 In DSSD the edge runs the accept/reject part (`edge_verify`) knowing only q_i(x_i), and
-the device, which kept the full Q_j, runs the residual draw (`device_resample`). In DSD
+the device, which kept the full Q_j, runs the residual draw (`device_resample`), or, when
+the edge sends only K candidates drawn from P_j instead of the whole row, candidate
+residual sampling (`draw_candidates` on the edge, `candidate_resample` on the device). In DSD
 the edge receives full Q rows and does both (`dsd_verify`). Greedy decoding needs no
 distributions at all (`greedy_verify`).
 
@@ -141,6 +143,45 @@ def device_resample_sparse(
     p_ids = np.asarray(p_ids, dtype=np.int64)
     pick = device_resample(np.asarray(p_values, np.float32), q_row[p_ids], rng)
     return int(p_ids[pick])
+
+
+def draw_candidates_batch(
+    p_rows: np.ndarray, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Edge half of candidate residual sampling: k i.i.d. draws from each P_j, with P_j there."""
+    ids = sample_rows(p_rows, rng, k)
+    return ids, np.take_along_axis(p_rows, ids, axis=1).astype(np.float32)
+
+
+def draw_candidates(p_row: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    ids, probs = draw_candidates_batch(p_row[np.newaxis], k, rng)
+    return ids[0], probs[0]
+
+
+def candidate_resample_batch(
+    cand_ids: np.ndarray, cand_p: np.ndarray, q_rows: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Device half: accept candidate y with probability max(0, 1 - Q_j(y) / P_j(y)).
+
+    One trial succeeds with probability sum_y P(y) max(0, 1 - Q(y)/P(y)) =
+    sum_y max(0, P(y) - Q(y)), and the token it yields is y with probability
+    proportional to max(0, P(y) - Q(y)): exactly the residual law. The first success of
+    each row is returned; -1 where all its candidates failed (ask for more, or the row).
+    """
+    cand_ids = np.asarray(cand_ids, dtype=np.int64)
+    q = np.take_along_axis(q_rows, cand_ids, axis=1)
+    ok = rng.random(cand_ids.shape) * cand_p < cand_p - q  # u < 1 - q/p without dividing
+    first = np.argmax(ok, axis=1)
+    return np.where(ok.any(axis=1), cand_ids[np.arange(cand_ids.shape[0]), first], -1)
+
+
+def candidate_resample(
+    cand_ids: np.ndarray, cand_p: np.ndarray, q_row: np.ndarray, rng: np.random.Generator
+) -> int | None:
+    """`candidate_resample_batch` for one rejection; None when every candidate failed."""
+    tok = int(candidate_resample_batch(np.asarray(cand_ids)[np.newaxis], np.asarray(cand_p)[np.newaxis],
+                                       q_row[np.newaxis], rng)[0])
+    return None if tok < 0 else tok
 
 
 def dsd_verify_batch(

@@ -75,6 +75,7 @@ class MsgType(enum.IntEnum):
     END = 7
     DONE = 8
     ERROR = 9
+    MORE = 10
 
 
 class ErrorCode(enum.IntEnum):
@@ -97,6 +98,7 @@ class DownlinkKind(enum.IntEnum):
     NONE = 0  # not needed (bonus, or the token is already decided)
     FULL = 1  # the whole P_j row, dtype given by a float code
     SUPPORT = 2  # (id, prob) pairs of P_j's non-zero entries
+    CANDIDATES = 3  # (id, prob) pairs of K i.i.d. draws from P_j (candidate residual sampling)
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,7 +328,7 @@ class Start:
         )
 
 
-_DRAFT_HEAD = struct.Struct("<IHHBI")  # n_committed, n_prefix, gamma, q code, q row length
+_DRAFT_HEAD = struct.Struct("<IHHBIB")  # n_committed, n_prefix, gamma, q code, row length, K
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,8 @@ class Draft:
     `prefix_ids` are committed tokens the edge has not seen (the device's residual
     resample of the previous round); `n_committed` is the device's committed length
     after them, so the edge can detect desync. q is either the gamma scalars q_i(x_i)
-    (DSSD), full Q rows (DSD), or absent (greedy).
+    (DSSD), full Q rows (DSD), or absent (greedy). `n_candidates` is how many candidates
+    the device wants if this round's rejection is answered by candidate sampling.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.DRAFT
@@ -345,6 +348,7 @@ class Draft:
     draft_ids: np.ndarray
     q_draft: np.ndarray | None = None  # (gamma,) float32
     q_rows: np.ndarray | None = None  # (gamma, V) float32 or float16
+    n_candidates: int = 0
 
     def payload(self) -> bytes:
         prefix, draft = _ids(self.prefix_ids), _ids(self.draft_ids)
@@ -363,12 +367,12 @@ class Draft:
             code, row_len, tail = 1, 0, q.tobytes()
         else:
             code, row_len, tail = 0, 0, b""
-        head = _DRAFT_HEAD.pack(self.n_committed, prefix.size, gamma, code, row_len)
+        head = _DRAFT_HEAD.pack(self.n_committed, prefix.size, gamma, code, row_len, self.n_candidates)
         return head + prefix.tobytes() + draft.tobytes() + tail
 
     @classmethod
     def parse(cls, r: _Reader) -> "Draft":
-        n_committed, n_prefix, gamma, code, row_len = r.unpack(_DRAFT_HEAD)
+        n_committed, n_prefix, gamma, code, row_len, n_candidates = r.unpack(_DRAFT_HEAD)
         prefix = r.array(_I32, n_prefix)
         draft = r.array(_I32, gamma)
         q_draft = q_rows = None
@@ -382,7 +386,7 @@ class Draft:
             raise Malformed(f"unknown q encoding {code}")
         if code in (0, 1) and row_len != 0:
             raise Malformed("row length given without q rows")
-        return cls(n_committed, prefix, draft, q_draft, q_rows)
+        return cls(n_committed, prefix, draft, q_draft, q_rows, n_candidates)
 
 
 _VERDICT_HEAD = struct.Struct("<BHiBI")  # kind, n_accepted, token, downlink kind, count
@@ -397,15 +401,16 @@ class VerdictMsg:
     n_accepted: int
     token: int = -1
     p_full: np.ndarray | None = None  # (V,) float32/float16: DownlinkKind.FULL
-    p_ids: np.ndarray | None = None  # (n,) int32: DownlinkKind.SUPPORT
-    p_values: np.ndarray | None = None  # (n,) float32: DownlinkKind.SUPPORT
+    p_ids: np.ndarray | None = None  # (n,) int32: SUPPORT or CANDIDATES
+    p_values: np.ndarray | None = None  # (n,) float32: P_j at those ids
+    candidates: bool = False  # p_ids are i.i.d. draws from P_j, not its support
 
     @property
     def downlink(self) -> DownlinkKind:
         if self.p_full is not None:
             return DownlinkKind.FULL
         if self.p_ids is not None:
-            return DownlinkKind.SUPPORT
+            return DownlinkKind.CANDIDATES if self.candidates else DownlinkKind.SUPPORT
         return DownlinkKind.NONE
 
     def payload(self) -> bytes:
@@ -415,7 +420,7 @@ class VerdictMsg:
             code = _FLOAT_CODE_OF[row.dtype]
             head = _VERDICT_HEAD.pack(self.kind, self.n_accepted, self.token, dl | code << 4, row.size)
             return head + row.tobytes()
-        if dl is DownlinkKind.SUPPORT:
+        if dl in (DownlinkKind.SUPPORT, DownlinkKind.CANDIDATES):
             ids, vals = _ids(self.p_ids), _floats(self.p_values)
             if ids.size != vals.size:
                 raise ValueError("support ids and values differ in length")
@@ -438,9 +443,10 @@ class VerdictMsg:
             return cls(kind, n_accepted, token, p_full=r.array(dtype, count))
         if dl_code >> 4:
             raise Malformed("float code on a downlink without a full row")
-        if dl is DownlinkKind.SUPPORT:
+        if dl in (DownlinkKind.SUPPORT, DownlinkKind.CANDIDATES):
             ids = r.array(_I32, count)
-            return cls(kind, n_accepted, token, p_ids=ids, p_values=r.array(_F32, count))
+            return cls(kind, n_accepted, token, p_ids=ids, p_values=r.array(_F32, count),
+                       candidates=dl is DownlinkKind.CANDIDATES)
         if count:
             raise Malformed("count given without downlink data")
         return cls(kind, n_accepted, token)
@@ -502,6 +508,24 @@ class Done:
         return cls(_json_obj(r.rest_bytes()))
 
 
+_MORE = struct.Struct("<H")
+
+
+@dataclass(frozen=True)
+class More:
+    """Device -> edge: all candidates were rejected; send `n_candidates` more (0: the full P_j)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.MORE
+    n_candidates: int
+
+    def payload(self) -> bytes:
+        return _MORE.pack(self.n_candidates)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "More":
+        return cls(*r.unpack(_MORE))
+
+
 _ERROR = struct.Struct("<H")
 
 
@@ -526,9 +550,9 @@ class Error:
         return cls(code, message)
 
 
-Message = Union[Hello, Welcome, Start, Draft, VerdictMsg, Tokens, End, Done, Error]
+Message = Union[Hello, Welcome, Start, Draft, VerdictMsg, Tokens, End, Done, Error, More]
 _PARSERS: dict[int, type] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Start, Draft, VerdictMsg, Tokens, End, Done, Error)
+    cls.TYPE: cls for cls in (Hello, Welcome, Start, Draft, VerdictMsg, Tokens, End, Done, Error, More)
 }
 
 

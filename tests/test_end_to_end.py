@@ -117,8 +117,8 @@ def _exact_first_two(target, prompt_ids: list[int], params: SamplingParams) -> d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["dssd", "dsd"])
-def test_tiny_sampled_first_tokens_follow_the_target(mode, tiny_pair, tiny_target, tiny_edge, tiny_drafter):  # noqa: ANN001
+@pytest.mark.parametrize(("mode", "downlink"), [("dssd", "auto"), ("dssd", "candidates"), ("dsd", "auto")])
+def test_tiny_sampled_first_tokens_follow_the_target(mode, downlink, tiny_pair, tiny_target, tiny_edge, tiny_drafter):  # noqa: ANN001
     """Many short sampled generations: (y1, y2) must follow the target's exact joint law."""
     params = SamplingParams(1.0, top_k=4)
     ids = tiny_drafter.tokenize("The cat sat on the", add_bos=False)
@@ -129,7 +129,8 @@ def test_tiny_sampled_first_tokens_follow_the_target(mode, tiny_pair, tiny_targe
 
     async def many() -> None:
         for seed in range(n):
-            cfg = GenerationConfig(mode=mode, max_new_tokens=2, sampling=params, gamma=3, seed=seed)
+            cfg = GenerationConfig(mode=mode, max_new_tokens=2, sampling=params, gamma=3, seed=seed,
+                                   downlink=downlink)
             res = await client.generate(ids, cfg)
             key = (res.ids[0], res.ids[1])
             counts[key] = counts.get(key, 0) + 1
