@@ -17,7 +17,7 @@ import numpy as np
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.transport import EdgeLink
 from protocol import wire
-from protocol.downlink import MAX_CANDIDATES, CandidateBudget, resample_from_verdict
+from protocol.downlink import CandidateBudget, next_request_size, resample_from_verdict
 from protocol.sampling import DEVICE_STREAM, SamplingParams, rng_for
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind
@@ -304,9 +304,8 @@ class DeviceClient:
         budget: CandidateBudget,
         stats: GenerationStats,
     ) -> int:
-        """The residual draw; with candidates, ask once for more, then for the full row."""
+        """The residual draw; with candidates, ask for 4x more until the full row is cheaper."""
         trials = 0
-        asked = 0
         while True:
             token = resample_from_verdict(verdict, q_row, rng)
             if not verdict.candidates:  # full row or support: always yields a token
@@ -315,8 +314,7 @@ class DeviceClient:
                 trials += 1 + int(np.flatnonzero(verdict.p_ids == token)[0])
                 break
             trials += verdict.p_ids.size
-            want = min(2 * budget.k, MAX_CANDIDATES) if asked == 0 else 0
-            asked += 1
+            want = next_request_size(verdict.p_ids.size, q_row.size)
             stats.rounds.more_requests += 1
             await link.send(wire.More(want))
             reply = await link.recv(wire.VerdictMsg)

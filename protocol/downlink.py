@@ -32,7 +32,8 @@ MODES = ("dssd", "dssd-paper", "dsd", "edge-only")
 DOWNLINKS = ("auto", "full", "support", "candidates")
 #: Candidates sent when the device did not say how many it wants.
 DEFAULT_CANDIDATES = 4
-MAX_CANDIDATES = 255
+#: Largest candidate batch (8 bytes each); beyond it the full row is asked for instead.
+MAX_CANDIDATES = 4096
 
 
 def choose_downlink(mode: str, requested: str, sampling: SamplingParams) -> str:
@@ -56,6 +57,13 @@ def encode_rejection(
     if support is not None and (policy == "support" or support.size <= k):
         return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_ids=support.astype(np.int32), p_values=p_row[support])
     return candidates_message(j, p_row, k, rng)
+
+
+def next_request_size(previous: int, n_vocab: int) -> int:
+    """Candidates to ask for after `previous` all failed: 4x more, or 0 (the full P_j)
+    once a batch would cost as much as the row itself (8 vs 4 bytes per entry)."""
+    want = previous * 4
+    return 0 if want > MAX_CANDIDATES or 8 * want >= 4 * n_vocab else want
 
 
 def candidates_message(j: int, p_row: np.ndarray, k: int, rng: np.random.Generator) -> wire.VerdictMsg:

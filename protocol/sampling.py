@@ -159,4 +159,4 @@ def sample_rows(probs: np.ndarray, rng: np.random.Generator, k: int | None = Non
         threshold = rng.random(cum.shape[0]) * total
         return np.count_nonzero(cum <= threshold[:, np.newaxis], axis=1)
     threshold = rng.random((cum.shape[0], k)) * total[:, np.newaxis]
-    return np.count_nonzero(cum[:, np.newaxis, :] <= threshold[:, :, np.newaxis], axis=2)
+    return np.stack([np.searchsorted(c, t, side="right") for c, t in zip(cum, threshold)])

@@ -328,7 +328,26 @@ class Start:
         )
 
 
-_DRAFT_HEAD = struct.Struct("<IHHBIB")  # n_committed, n_prefix, gamma, q code, row length, K
+_DRAFT_HEAD = struct.Struct("<IBBBB")  # n_committed, n_prefix, gamma, flags, n_candidates
+_VERDICT_HEAD = struct.Struct("<BBB")  # kind, n_accepted, flags
+_U32 = struct.Struct("<I")
+_TOKEN = struct.Struct("<i")
+#: flags bits shared by Draft and Verdict
+_WIDE_IDS = 0x10  # ids are int32; otherwise uint16 (any vocabulary up to 65,536)
+_U16 = np.dtype("<u2")
+
+
+def _pack_ids(*arrays: np.ndarray) -> tuple[int, list[bytes]]:
+    """The narrowest exact id encoding for all arrays together (one flag per message)."""
+    ids = [_ids(a) for a in arrays]
+    wide = any(a.size and (a.min() < 0 or a.max() > 0xFFFF) for a in ids)
+    return (_WIDE_IDS if wide else 0), [a.tobytes() if wide else a.astype(_U16).tobytes() for a in ids]
+
+
+def _read_ids(r: _Reader, flags: int, count: int) -> np.ndarray:
+    if flags & _WIDE_IDS:
+        return r.array(_I32, count)
+    return r.array(_U16, count).astype(_I32)
 
 
 @dataclass(frozen=True)
@@ -351,50 +370,56 @@ class Draft:
     n_candidates: int = 0
 
     def payload(self) -> bytes:
-        prefix, draft = _ids(self.prefix_ids), _ids(self.draft_ids)
-        gamma = draft.size
+        flags, (prefix, draft) = _pack_ids(self.prefix_ids, self.draft_ids)
+        gamma = np.size(self.draft_ids)
         if self.q_draft is not None and self.q_rows is not None:
             raise ValueError("a draft carries q scalars or q rows, not both")
         if self.q_rows is not None:
             rows = _float_rows(self.q_rows)
             if rows.ndim != 2 or rows.shape[0] != gamma:
                 raise ValueError("q_rows must have one row per draft token")
-            code, row_len, tail = 0x10 | _FLOAT_CODE_OF[rows.dtype], rows.shape[1], rows.tobytes()
+            flags |= 2 | _FLOAT_CODE_OF[rows.dtype] << 2
+            tail = _U32.pack(rows.shape[1]) + rows.tobytes()
         elif self.q_draft is not None:
             q = _floats(self.q_draft)
             if q.size != gamma:
                 raise ValueError("q_draft must have one value per draft token")
-            code, row_len, tail = 1, 0, q.tobytes()
+            flags |= 1
+            tail = q.tobytes()
         else:
-            code, row_len, tail = 0, 0, b""
-        head = _DRAFT_HEAD.pack(self.n_committed, prefix.size, gamma, code, row_len, self.n_candidates)
-        return head + prefix.tobytes() + draft.tobytes() + tail
+            tail = b""
+        head = _DRAFT_HEAD.pack(self.n_committed, np.size(self.prefix_ids), gamma, flags, self.n_candidates)
+        return head + prefix + draft + tail
 
     @classmethod
     def parse(cls, r: _Reader) -> "Draft":
-        n_committed, n_prefix, gamma, code, row_len, n_candidates = r.unpack(_DRAFT_HEAD)
-        prefix = r.array(_I32, n_prefix)
-        draft = r.array(_I32, gamma)
+        n_committed, n_prefix, gamma, flags, n_candidates = r.unpack(_DRAFT_HEAD)
+        if flags & ~(_WIDE_IDS | 0x0F):
+            raise Malformed(f"unknown draft flags {flags:#x}")
+        prefix = _read_ids(r, flags, n_prefix)
+        draft = _read_ids(r, flags, gamma)
+        q_kind, float_code = flags & 0x03, (flags >> 2) & 0x03
         q_draft = q_rows = None
-        if code == 1:
-            q_draft = r.array(_F32, gamma)
-        elif code & 0x10 and (code & 0x0F) in _FLOAT_CODES:
+        if q_kind == 2 and float_code in _FLOAT_CODES:
+            (row_len,) = r.unpack(_U32)
             if row_len == 0:
                 raise Malformed("q rows of length 0")
-            q_rows = r.array(_FLOAT_CODES[code & 0x0F], gamma * row_len).reshape(gamma, row_len)
-        elif code != 0:
-            raise Malformed(f"unknown q encoding {code}")
-        if code in (0, 1) and row_len != 0:
-            raise Malformed("row length given without q rows")
+            q_rows = r.array(_FLOAT_CODES[float_code], gamma * row_len).reshape(gamma, row_len)
+        elif q_kind == 1 and float_code == 0:
+            q_draft = r.array(_F32, gamma)
+        elif q_kind != 0 or float_code != 0:
+            raise Malformed(f"unknown q encoding in flags {flags:#x}")
         return cls(n_committed, prefix, draft, q_draft, q_rows, n_candidates)
-
-
-_VERDICT_HEAD = struct.Struct("<BHiBI")  # kind, n_accepted, token, downlink kind, count
 
 
 @dataclass(frozen=True)
 class VerdictMsg:
-    """Edge -> device: the verdict of one round, plus P_j when the device must resample."""
+    """Edge -> device: the verdict of one round, plus P_j when the device must resample.
+
+    Layout: kind u8, n_accepted u8, flags u8 (bits 0-1 downlink kind, 2-3 float code of
+    a full row, 4 wide ids); then `token` i32 unless kind is RESAMPLE; then, with a
+    downlink, a u32 count and the data. A plain verdict is 7 bytes.
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.VERDICT
     kind: VerdictKind
@@ -415,41 +440,50 @@ class VerdictMsg:
 
     def payload(self) -> bytes:
         dl = self.downlink
+        flags = int(dl)
+        body = b""
         if dl is DownlinkKind.FULL:
             row = _float_rows(self.p_full)
-            code = _FLOAT_CODE_OF[row.dtype]
-            head = _VERDICT_HEAD.pack(self.kind, self.n_accepted, self.token, dl | code << 4, row.size)
-            return head + row.tobytes()
-        if dl in (DownlinkKind.SUPPORT, DownlinkKind.CANDIDATES):
-            ids, vals = _ids(self.p_ids), _floats(self.p_values)
-            if ids.size != vals.size:
+            flags |= _FLOAT_CODE_OF[row.dtype] << 2
+            body = _U32.pack(row.size) + row.tobytes()
+        elif dl is not DownlinkKind.NONE:
+            vals = _floats(self.p_values)
+            wide, (ids,) = _pack_ids(self.p_ids)
+            if np.size(self.p_ids) != vals.size:
                 raise ValueError("support ids and values differ in length")
-            head = _VERDICT_HEAD.pack(self.kind, self.n_accepted, self.token, dl, ids.size)
-            return head + ids.tobytes() + vals.tobytes()
-        return _VERDICT_HEAD.pack(self.kind, self.n_accepted, self.token, dl, 0)
+            flags |= wide
+            body = _U32.pack(vals.size) + ids + vals.tobytes()
+        token = b"" if self.kind == VerdictKind.RESAMPLE else _TOKEN.pack(self.token)
+        return _VERDICT_HEAD.pack(self.kind, self.n_accepted, flags) + token + body
 
     @classmethod
     def parse(cls, r: _Reader) -> "VerdictMsg":
-        kind, n_accepted, token, dl_code, count = r.unpack(_VERDICT_HEAD)
+        kind, n_accepted, flags = r.unpack(_VERDICT_HEAD)
         try:
             kind = VerdictKind(kind)
-            dl = DownlinkKind(dl_code & 0x0F)
+            dl = DownlinkKind(flags & 0x03)
         except ValueError:
-            raise Malformed(f"unknown verdict kind {kind} or downlink {dl_code}") from None
+            raise Malformed(f"unknown verdict kind {kind} or flags {flags:#x}") from None
+        if flags & ~(_WIDE_IDS | 0x0F):
+            raise Malformed(f"unknown verdict flags {flags:#x}")
+        token = -1 if kind == VerdictKind.RESAMPLE else r.unpack(_TOKEN)[0]
+        float_code = (flags >> 2) & 0x03
         if dl is DownlinkKind.FULL:
-            dtype = _FLOAT_CODES.get(dl_code >> 4)
-            if dtype is None:
-                raise Malformed(f"unknown float code {dl_code >> 4}")
+            dtype = _FLOAT_CODES.get(float_code)
+            if dtype is None or flags & _WIDE_IDS:
+                raise Malformed(f"bad flags {flags:#x} for a full row")
+            (count,) = r.unpack(_U32)
             return cls(kind, n_accepted, token, p_full=r.array(dtype, count))
-        if dl_code >> 4:
+        if float_code:
             raise Malformed("float code on a downlink without a full row")
-        if dl in (DownlinkKind.SUPPORT, DownlinkKind.CANDIDATES):
-            ids = r.array(_I32, count)
-            return cls(kind, n_accepted, token, p_ids=ids, p_values=r.array(_F32, count),
-                       candidates=dl is DownlinkKind.CANDIDATES)
-        if count:
-            raise Malformed("count given without downlink data")
-        return cls(kind, n_accepted, token)
+        if dl is DownlinkKind.NONE:
+            if flags:
+                raise Malformed(f"bad flags {flags:#x} without a downlink")
+            return cls(kind, n_accepted, token)
+        (count,) = r.unpack(_U32)
+        ids = _read_ids(r, flags, count)
+        return cls(kind, n_accepted, token, p_ids=ids, p_values=r.array(_F32, count),
+                   candidates=dl is DownlinkKind.CANDIDATES)
 
 
 _TOKENS_HEAD = struct.Struct("<BI")

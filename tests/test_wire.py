@@ -116,3 +116,18 @@ def test_fuzz_random_bytes_and_mutations() -> None:
         except wire.WireError:
             outcomes["error"] += 1
     assert outcomes["error"] > 1000 and outcomes["ok"] > 100, outcomes
+
+
+def test_ids_narrow_to_uint16_and_widen_when_needed() -> None:
+    """Ids travel as uint16 when they fit (any vocabulary up to 65,536), else int32; exact both ways."""
+    q = np.array([0.5, 0.25, 0.125, 1.0], np.float32)
+    small = wire.Draft(100, np.zeros(0, np.int32), np.array([1, 2, 65535, 4], np.int32), q_draft=q)
+    assert len(wire.encode(small)) == 16 + 8 + 4 * 2 + 4 * 4  # 48 bytes for a gamma-4 DSSD round
+    big = wire.Draft(100, np.array([262_143], np.int32), np.array([1, 70_000, 3, 4], np.int32), q_draft=q)
+    back = wire.decode(wire.encode(big)).message
+    assert back.prefix_ids.tolist() == [262_143] and back.draft_ids.tolist() == [1, 70_000, 3, 4]
+    assert len(wire.encode(wire.VerdictMsg(VerdictKind.BONUS, 4, 17))) == 16 + 7
+    cand = wire.VerdictMsg(VerdictKind.RESAMPLE, 1, p_ids=np.array([5, 9, 5, 80_000], np.int32),
+                           p_values=np.array([0.1, 0.2, 0.1, 0.3], np.float32), candidates=True)
+    back = wire.decode(wire.encode(cand)).message
+    assert back.candidates and back.p_ids.tolist() == [5, 9, 5, 80_000]
