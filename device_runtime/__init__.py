@@ -1,0 +1,28 @@
+"""Device half of DSSD: draft with llama.cpp, verify on the edge.
+
+`DeviceRuntime` is the library API (sync and async); `python -m device_runtime serve`
+runs an OpenAI-compatible HTTP server over it (device_runtime.openai_server).
+"""
+from device_runtime.api import (  # noqa: F401
+    AsyncTokenStream,
+    Completion,
+    ContextLengthError,
+    DeviceRuntime,
+    EdgeUnavailable,
+    Piece,
+    RequestError,
+    RuntimeBusy,
+    TokenStream,
+)
+
+__all__ = [
+    "DeviceRuntime",
+    "Completion",
+    "Piece",
+    "TokenStream",
+    "AsyncTokenStream",
+    "RequestError",
+    "ContextLengthError",
+    "RuntimeBusy",
+    "EdgeUnavailable",
+]

@@ -1,10 +1,14 @@
-"""`python -m device_runtime`: generate with a local draft model and a remote edge."""
+"""`python -m device_runtime`: generate with a local draft model and a remote edge.
+
+`python -m device_runtime serve ...` runs the OpenAI-compatible HTTP server instead.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 
 from device_runtime.drafter import LlamaDrafter
@@ -81,7 +85,73 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    from quantize.defaults import default_models
+
+    p = argparse.ArgumentParser(
+        prog="python -m device_runtime serve",
+        description="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) "
+        "over the device runtime. See docs/device-api.md.",
+    )
+    p.add_argument("--edge", default="ws://127.0.0.1:8765",
+                   help="edge URL (ws://HOST:PORT); an empty string allows only mode device-only")
+    p.add_argument("--model", default=None,
+                   help=f"draft GGUF (default: {default_models().draft_q4_0_gguf})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-name", default=None,
+                   help="model id served at /v1/models (default: the GGUF file name without .gguf)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="requests generated at once; each loads its own llama.cpp context (default 1: "
+                   "requests queue)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
+    p.add_argument("--max-gamma", type=int, default=16, help="largest gamma a request may ask for")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    from device_runtime.api import DeviceRuntime
+    from device_runtime.openai_server import serve_forever
+    from quantize.defaults import default_models
+
+    args = build_serve_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        rt = DeviceRuntime(args.model or default_models().draft_q4_0_gguf, args.edge or None,
+                           n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=args.max_gamma,
+                           parallel=args.parallel, max_queue=args.max_queue, model_name=args.model_name)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    def ready(server, port: int) -> None:  # noqa: ANN001
+        print(f"ready: http://{args.host}:{port}/v1 (model {server.model_name!r}, edge {args.edge or 'none'})",
+              flush=True)
+
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        asyncio.run(serve_forever(rt, host=args.host, port=args.port, model_name=args.model_name, ready=ready))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        rt.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

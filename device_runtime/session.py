@@ -107,6 +107,54 @@ class GenerationResult:
     stats: GenerationStats
 
 
+class StopText:
+    """The visible text of a generation, with stop strings handled exactly while streaming.
+
+    Text that could be the start of a stop string is held back until it is clear; the
+    final text ends right before the first stop string.    EOS ids are not shown.)
+    """
+
+    def __init__(self, detokenize: Callable[[list[int]], bytes], eos: Sequence[int], stops: Sequence[str]) -> None:
+        self._detokenize = detokenize
+        self._eos = set(eos)
+        self._stops = tuple(stops)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.raw = ""
+        self.sent = 0
+        self.stopped_at: int | None = None
+
+    @property
+    def text(self) -> str:
+        return self.raw if self.stopped_at is None else self.raw[: self.stopped_at]
+
+    def feed(self, ids: Sequence[int]) -> str:
+        """Decode committed ids; returns the text that is now safe to show."""
+        if self.stopped_at is not None:
+            return ""
+        visible = [int(t) for t in ids if t not in self._eos]
+        if visible:
+            self.raw += self._decoder.decode(self._detokenize(visible))
+        limit = len(self.raw)
+        if self._stops:
+            hits = [i for i in (self.raw.find(s, self.sent) for s in self._stops) if i >= 0]
+            if hits:
+                self.stopped_at = limit = min(hits)
+            else:
+                limit = next((i for i in range(max(self.sent, len(self.raw) - max(map(len, self._stops))),
+                                               len(self.raw))
+                              if any(s.startswith(self.raw[i:]) for s in self._stops)), limit)
+        out = self.raw[self.sent : limit] if limit > self.sent else ""
+        self.sent = max(self.sent, limit)
+        return out
+
+    def finish(self) -> str:
+        """At the end: held-back text that turned out not to start a stop string."""
+        end = len(self.raw) if self.stopped_at is None else self.stopped_at
+        out = self.raw[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+
 class _Output:
     """Commits tokens: EOS / length / stop-string handling and streaming, for every mode."""
 
@@ -120,18 +168,16 @@ class _Output:
     ) -> None:
         self.ids: list[int] = []
         self.finish_reason = ""
-        self._drafter = drafter
         self._config = config
         self._eos = set(eos_ids)
         self._on_tokens = on_tokens
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._text: list[str] = []
+        self._shown = StopText(drafter.detokenize, eos_ids, config.stop)
         self._t0 = t0
         self.ttft_s = 0.0
 
     @property
     def text(self) -> str:
-        return "".join(self._text)
+        return self._shown.text
 
     def commit(self, ids: Sequence[int]) -> bool:
         """Append committed ids; returns True when generation is finished."""
@@ -149,18 +195,18 @@ class _Output:
         if not self.ids:
             self.ttft_s = time.perf_counter() - self._t0
         self.ids.extend(new)
-        visible = [t for t in new if t not in self._eos]
-        piece = self._decoder.decode(self._drafter.detokenize(visible)) if visible else ""
-        if self._config.stop and piece:
-            full = self.text + piece
-            cut = min((i for i in (full.find(s) for s in self._config.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                piece = full[len(self.text) : max(cut, len(self.text))]
-                self.finish_reason = "stop"
-        self._text.append(piece)
+        piece = self._shown.feed(new)
+        if self._shown.stopped_at is not None:
+            self.finish_reason = "stop"
         if self._on_tokens is not None:
             self._on_tokens(new, piece)
         return bool(self.finish_reason)
+
+    def finish(self) -> None:
+        """Stream the held-back text that turned out not to start a stop string."""
+        tail = self._shown.finish()
+        if tail and self._on_tokens is not None:
+            self._on_tokens([], tail)
 
 
 class DeviceClient:
@@ -227,6 +273,7 @@ class DeviceClient:
                     break
             stats.bytes_up = link.bytes_up - up0
             stats.bytes_down = link.bytes_down - down0
+        out.finish()
         stats.tokens = len(out.ids)
         stats.wall_s = time.perf_counter() - t0
         stats.ttft_s = out.ttft_s

@@ -1,0 +1,480 @@
+"""An OpenAI-compatible HTTP server over a `DeviceRuntime` (aiohttp).
+
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
+POST /v1/chat/completions (both with `"stream": true` as server-sent events), GET /health.
+Extensions in the request: `mode`, `gamma`, `top_k`, `downlink`; in the response: a `dssd`
+object with the speculative stats (see docs/device-api.md). Every error is a JSON body
+{"error": {"message", "type", "param", "code"}} with a 4xx status for bad requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from device_runtime.api import (
+    AsyncTokenStream,
+    Completion,
+    DeviceRuntime,
+    EdgeUnavailable,
+    Piece,
+    RequestError,
+    RuntimeBusy,
+)
+from device_runtime.transport import EdgeError
+from protocol.wire import ErrorCode, WireError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: up to the context
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "an integer", float: "a number", type(None): "null"}
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
+
+
+def _api_error(exc: BaseException) -> ApiError:
+    """Map a runtime/edge exception to the HTTP error it means."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestError):
+        return ApiError(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, RuntimeBusy):
+        return ApiError(429, str(exc), type="server_busy", code="queue_full")
+    if isinstance(exc, EdgeError):
+        if exc.code in (ErrorCode.LIMIT, ErrorCode.UNSUPPORTED):
+            return ApiError(400, f"the edge refused the request: {exc.reason}", code="edge_refused")
+        if exc.code in (ErrorCode.BUSY, ErrorCode.SHUTDOWN):
+            return ApiError(503, str(exc), type="service_unavailable", code="edge_busy")
+        return ApiError(502, str(exc), type="edge_error", code=ErrorCode(exc.code).name.lower()
+                        if exc.code in ErrorCode._value2member_map_ else "edge_error")
+    if isinstance(exc, WireError):
+        return ApiError(502, f"the edge sent an invalid frame: {exc}", type="edge_error", code="bad_frame")
+    if isinstance(exc, (EdgeUnavailable, ConnectionError, OSError)):
+        return ApiError(503, f"the edge is unavailable: {exc}", type="service_unavailable",
+                        code="edge_unavailable")
+    log.error("internal error", exc_info=exc)
+    return ApiError(500, "internal server error", type="server_error", code="internal_error")
+
+
+def _type_name(v: object) -> str:
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+class _Body:
+    """Typed access to the request's JSON object: wrong types are 400 `invalid_type`."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def get(self, key: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+        v = self.data.get(key)
+        if v is None:
+            return default
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if not ok:
+            raise ApiError(400, f"invalid type for '{key}': expected {what}, got {_type_name(v)}",
+                           param=key, code="invalid_type")
+        return v
+
+    def int(self, key: str, default: Any = None) -> Any:
+        return self.get(key, (int,), "an integer", default)
+
+    def number(self, key: str, default: Any = None) -> Any:
+        return self.get(key, (int, float), "a number", default)
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        return self.get(key, (bool,), "a boolean", default)
+
+    def str(self, key: str, default: Any = None) -> Any:
+        return self.get(key, (str,), "a string", default)
+
+    def unsupported(self, key: str, allowed: tuple, why: str) -> None:
+        v = self.data.get(key)
+        if v is not None and v not in allowed:
+            raise ApiError(400, f"'{key}' is not supported: {why}", param=key, code="unsupported_parameter")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class OpenAIServer:
+    """The HTTP app. `start()` binds it (port 0: any free port) on the current event loop."""
+
+    def __init__(self, runtime: DeviceRuntime, *, host: str = "127.0.0.1", port: int = 8080,
+                 model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.runtime = runtime
+        self.host, self.port = host, port
+        self.model_name = model_name or runtime.model_name
+        self._aliases = {self.model_name, runtime.model_name, runtime.model_path.name}
+        self.max_body_bytes = max_body_bytes
+        self.created = int(time.time())
+        self._runner: web.AppRunner | None = None
+
+    # -- app ----------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def start(self) -> int:
+        # handler_cancellation: a client that hangs up cancels its request (and frees the slot)
+        self._runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:  # 404 route, 405 method, 413 body size: OpenAI format too
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+            msg = exc.text if exc.status != 413 else f"request body over {self.max_body_bytes} bytes"
+            return ApiError(exc.status, msg or exc.reason, code=code).response()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return _api_error(exc).response()
+
+    # -- simple endpoints ---------------------------------------------------------------
+
+    def _model_card(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dssd",
+                "dssd": {"draft_model": str(rt.model_path.name), "edge": rt.edge_url, "n_ctx": rt.n_ctx,
+                         "max_gamma": rt.max_gamma}}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self._aliases:
+            raise self._unknown_model(name)
+        return web.json_response(self._model_card())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format: counters since start and the current load."""
+        lines = []
+        for k, v in self.runtime.metrics().items():
+            if k.startswith("requests_") and k not in ("requests_running", "requests_queued"):
+                name, label = "dssd_requests_total", f'{{outcome="{k[len("requests_"):]}"}}'
+            elif k.startswith("spec_decode_"):
+                name, label = f"dssd_{k}_total", ""
+            elif k in ("requests_running", "requests_queued"):
+                name, label = f"dssd_{k}", ""
+            else:
+                name, label = f"dssd_{k}_total", ""
+            lines.append(f"{name}{label} {v}")
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    def _unknown_model(self, name: str) -> ApiError:
+        return ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                        param="model", code="model_not_found")
+
+    # -- request parsing ----------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> _Body:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large") from None
+        try:
+            data = json.loads(raw, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_type_name(data)}",
+                           code="invalid_json")
+        body = _Body(data)
+        model = body.str("model")
+        if model is not None and model not in self._aliases:
+            raise self._unknown_model(model)
+        return body
+
+    def _options(self, body: _Body, *, chat: bool) -> dict[str, Any]:
+        """Sampling and DSSD options shared by both endpoints, as DeviceRuntime keywords."""
+        n = body.int("n", 1)
+        if n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if body.number(key, 0) != 0:
+                raise ApiError(400, f"'{key}' is not supported (it would change the target's distribution)",
+                               param=key, code="unsupported_parameter")
+        if body.get("logit_bias", (dict,), "an object", {}):
+            raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
+        if chat:
+            max_tokens = body.int("max_completion_tokens", None)
+            if max_tokens is None:
+                max_tokens = body.int("max_tokens", None)
+            body.unsupported("logprobs", (False,), "no log-probabilities are returned")
+            if body.get("tools", (list,), "an array", []):
+                raise ApiError(400, "'tools' is not supported", param="tools", code="unsupported_parameter")
+            rf = body.get("response_format", (dict,), "an object", {"type": "text"})
+            if rf.get("type", "text") != "text":
+                raise ApiError(400, "only response_format type 'text' is supported", param="response_format",
+                               code="unsupported_parameter")
+        else:
+            max_tokens = body.int("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
+            body.unsupported("logprobs", (0,), "no log-probabilities are returned")
+            body.unsupported("echo", (False,), "echo is not implemented")
+            body.unsupported("best_of", (1,), "only best_of=1")
+            body.unsupported("suffix", ("",), "insertion is not implemented")
+        stop = body.get("stop", (str, list), "a string or an array of strings")
+        body.str("user")
+        return dict(
+            max_tokens=max_tokens,
+            temperature=body.number("temperature", 1.0),
+            top_p=body.number("top_p", 1.0),
+            top_k=body.int("top_k", 0),
+            seed=body.int("seed", None),
+            stop=stop,
+            mode=body.str("mode", "dssd"),
+            gamma=body.int("gamma", 4),
+            downlink=body.str("downlink", "auto"),
+        )
+
+    @staticmethod
+    def _prompt(body: _Body) -> Any:
+        p = body.data.get("prompt")
+        if p is None:
+            raise ApiError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]  # ["text"] or [[ids]]: one prompt
+        elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            raise ApiError(400, "only one prompt per request is supported", param="prompt",
+                           code="unsupported_parameter")
+        if isinstance(p, str):
+            return p
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return p
+        raise ApiError(400, "'prompt' must be a string, an array with one string, or an array of token ids",
+                       param="prompt", code="invalid_type")
+
+    # -- generation endpoints -----------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        prompt = self._prompt(body)
+        opts = self._options(body, chat=False)
+        return await self._generate(request, body, prompt=prompt, messages=None, opts=opts, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if body.data.get("messages") is None:
+            raise ApiError(400, "'messages' is required", param="messages", code="missing_required_parameter")
+        messages = body.get("messages", (list,), "an array")
+        opts = self._options(body, chat=True)
+        return await self._generate(request, body, prompt=None, messages=messages, opts=opts, chat=True)
+
+    async def _generate(self, request: web.Request, body: _Body, *, prompt: Any, messages: Any,
+                        opts: dict[str, Any], chat: bool) -> web.StreamResponse:
+        stream_ = body.bool("stream", False)
+        so = body.get("stream_options", (dict,), "an object", {})
+        include_usage = so.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise ApiError(400, "invalid type for 'stream_options.include_usage': expected a boolean",
+                           param="stream_options", code="invalid_type")
+        try:
+            # string prompts get the model's BOS, as llama.cpp's server does; chat templates add their own
+            s = self.runtime.astream(prompt, messages=messages, add_bos=True, **opts)
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+        try:
+            await s.started()  # request errors (context length, edge limits, no edge) are still 4xx here
+        except asyncio.CancelledError:
+            s.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        pieces = s.__aiter__()
+        try:
+            if stream_:
+                # hold the headers until the first tokens: an edge that refuses or is gone is still
+                # an HTTP error status, not an in-band event
+                try:
+                    first = await pieces.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                return await self._sse(request, s, pieces, first, rid, created, chat, include_usage)
+            parts = [p.text async for p in pieces]
+        except asyncio.CancelledError:
+            s.cancel()
+            raise
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+        finally:
+            await s.aclose()
+        res = s.result
+        assert res is not None
+        text = "".join(parts)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": _finish(res)}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(res)}
+        return web.json_response({
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "usage": _usage(res),
+            "dssd": res.stats_dict(),
+        })
+
+    async def _sse(self, request: web.Request, s: AsyncTokenStream, pieces: AsyncIterator[Piece],
+                   first: Piece | None, rid: str, created: int, chat: bool, include_usage: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: Any, finish: str | None, **extra: Any) -> dict[str, Any]:
+            if chat:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                    "system_fingerprint": None, "choices": [choice], **extra}
+
+        async def send(data: Any) -> None:
+            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            await resp.write(f"data: {payload}\n\n".encode())
+
+        try:
+            if chat:
+                await send(chunk({"role": "assistant", "content": ""}, None))
+            if first is not None and first.text:
+                await send(chunk({"content": first.text} if chat else first.text, None))
+            if first is not None:
+                async for piece in pieces:
+                    if piece.text:
+                        await send(chunk({"content": piece.text} if chat else piece.text, None))
+            res = s.result
+            assert res is not None
+            await send(chunk({} if chat else "", _finish(res), dssd=res.stats_dict()))
+            if include_usage:
+                await send({"id": rid, "object": obj, "created": created, "model": self.model_name,
+                            "choices": [], "usage": _usage(res), "dssd": res.stats_dict()})
+            await send("[DONE]")
+        except (ConnectionResetError, asyncio.CancelledError):
+            s.cancel()  # the client went away: stop generating
+            raise
+        except Exception as exc:  # noqa: BLE001  (headers are out: report in-band, as OpenAI does)
+            s.cancel()
+            try:
+                await send(_api_error(exc).body())
+                await send("[DONE]")
+            except (ConnectionResetError, RuntimeError):
+                pass
+        await resp.write_eof()
+        return resp
+
+
+def _finish(res: Completion) -> str:
+    return "length" if res.finish_reason == "length" else "stop"  # eos and stop strings are "stop"
+
+
+def _usage(res: Completion) -> dict[str, Any]:
+    r = res.stats.rounds
+    return {
+        "prompt_tokens": res.prompt_tokens,
+        "completion_tokens": res.completion_tokens,
+        "total_tokens": res.prompt_tokens + res.completion_tokens,
+        # OpenAI's own speculative-decoding counters (Predicted Outputs), filled from our drafts
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": r.accepted_tokens,
+            "rejected_prediction_tokens": r.draft_tokens - r.accepted_tokens,
+        },
+    }
+
+
+# -- running it ------------------------------------------------------------------------
+
+
+async def serve_forever(runtime: DeviceRuntime, *, host: str, port: int, model_name: str | None = None,
+                        ready: Any = None) -> None:
+    server = OpenAIServer(runtime, host=host, port=port, model_name=model_name)
+    bound = await server.start()
+    if ready is not None:
+        ready(server, bound)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.close()
+
+
+class OpenAIServerThread:
+    """Runs an `OpenAIServer` on its own event loop in a background thread (tests, embedding).
+
+    `base_url` (http://HOST:PORT/v1) is valid inside the `with` block.
+    """
+
+    def __init__(self, runtime: DeviceRuntime, *, host: str = "127.0.0.1", port: int = 0,
+                 model_name: str | None = None) -> None:
+        self.server = OpenAIServer(runtime, host=host, port=port, model_name=model_name)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-server", daemon=True)
+        self.base_url = ""
+
+    def __enter__(self) -> "OpenAIServerThread":
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
+        self.base_url = f"http://{self.server.host}:{port}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=60)
+        self._loop.close()
