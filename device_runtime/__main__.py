@@ -8,6 +8,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import ssl
 import signal
 import sys
 
@@ -39,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--downlink", choices=("auto", "full", "support"), default="auto")
+    p.add_argument("--downlink", choices=("auto", "full", "support", "candidates"), default="auto",
+                   help="how P_j comes down after a rejection in dssd (all exact)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="fail when the edge is lost instead of continuing with the draft alone")
+    p.add_argument("--round-timeout", type=float, default=30.0, help="seconds to wait for a verdict")
+    p.add_argument("--token", default=os.environ.get("DSSD_EDGE_TOKEN", ""),
+                   help="access token for the edge (default: $DSSD_EDGE_TOKEN)")
+    p.add_argument("--ca-file", default=None, help="CA certificate (PEM) to trust for a wss:// edge")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--json", action="store_true", help="print the stats as JSON instead of a summary")
@@ -66,13 +75,17 @@ async def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         downlink=args.downlink,
+        fallback=not args.no_fallback,
+        round_timeout_s=args.round_timeout,
     )
-    client = DeviceClient(drafter, None if args.mode == "device-only" else args.edge)
+    ssl_context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
+    client = DeviceClient(drafter, None if args.mode == "device-only" else args.edge,
+                          auth_token=args.token, ssl_context=ssl_context)
     try:
         if args.chat is None:
             sys.stdout.write(args.prompt)
         result = await client.generate(
-            prompt_ids, config, on_tokens=lambda ids, text: (sys.stdout.write(text), sys.stdout.flush())
+            prompt_ids, config, on_tokens=lambda ids, text, verified: (sys.stdout.write(text), sys.stdout.flush())
         )
     finally:
         await client.close()

@@ -93,6 +93,7 @@ class Piece:
 
     text: str
     ids: list[int]
+    verified: bool = True  # False: produced by the draft alone while the edge was lost
 
 
 @dataclass
@@ -270,7 +271,11 @@ class DeviceRuntime:
         client_name: str = "dssd-device-api",
         drafters: Sequence[LlamaDrafter] | None = None,
         model_name: str | None = None,
+        fallback: bool = False,
     ) -> None:
+        #: Keep generating with the draft alone when the edge is lost (pieces flagged
+        #: verified=False); off by default so an API answer is always the target's.
+        self.fallback = fallback
         if drafters:
             self._drafters = list(drafters)
             self._own_drafters = False
@@ -501,15 +506,15 @@ class DeviceRuntime:
                                         "draft model's", param)
                 config = GenerationConfig(mode=spec.mode, max_new_tokens=max_new, sampling=spec.sampling,
                                           gamma=spec.gamma, seed=spec.seed, stop=spec.stop,
-                                          downlink=spec.downlink)
+                                          downlink=spec.downlink, fallback=self.fallback)
                 sink(("started", {"prompt_tokens": len(prompt_ids), "max_tokens": max_new,
                                   "queue_s": queue_s}))
                 emitted = False
 
-                def on_tokens(ids: list[int], text: str) -> None:
+                def on_tokens(ids: list[int], text: str, verified: bool) -> None:
                     nonlocal emitted
                     emitted = True
-                    sink(("piece", Piece(text, [int(t) for t in ids])))
+                    sink(("piece", Piece(text, [int(t) for t in ids], verified)))
 
                 for attempt in (0, 1):
                     try:

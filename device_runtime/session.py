@@ -6,8 +6,10 @@ decodes and streams), "device-only" (the draft model alone, no edge).
 """
 from __future__ import annotations
 
+import asyncio
 import codecs
 import logging
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -15,10 +17,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from device_runtime.drafter import LlamaDrafter
-from device_runtime.transport import EdgeLink
+from websockets.exceptions import WebSocketException
+
+from device_runtime.transport import EdgeError, EdgeLink
 from protocol import wire
 from protocol.downlink import CandidateBudget, next_request_size, resample_from_verdict
-from protocol.sampling import DEVICE_STREAM, SamplingParams, rng_for
+from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind
 from protocol.vocab import vocab_fingerprint
@@ -26,7 +30,11 @@ from protocol.vocab import vocab_fingerprint
 log = logging.getLogger(__name__)
 
 MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
-TokenCallback = Callable[[list[int], str], None]
+#: on_tokens(ids, text, verified): committed ids, the text now safe to show, and whether
+#: the target verified them (False for fallback tokens from the draft alone).
+TokenCallback = Callable[[list[int], str, bool], None]
+#: Edge errors that mean "the edge is gone for now", not "this request is wrong".
+TRANSIENT_EDGE_ERRORS = (wire.ErrorCode.BUSY, wire.ErrorCode.SHUTDOWN, wire.ErrorCode.INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,12 @@ class GenerationConfig:
     seed: int = 0
     stop: tuple[str, ...] = ()
     downlink: str = "auto"
+    #: When the edge is lost: keep generating with the draft alone (tokens flagged as not
+    #: verified) and resume exact decoding on reconnection; False raises instead.
+    fallback: bool = True
+    #: A verdict that takes longer than this counts as a lost edge.
+    round_timeout_s: float = 30.0
+    max_backoff_s: float = 8.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +75,9 @@ class GenerationStats:
     bytes_down: int = 0
     rounds: RoundStats = field(default_factory=RoundStats)
     edge: dict[str, Any] = field(default_factory=dict)
+    unverified_tokens: int = 0  # produced by the draft alone while the edge was lost
+    fallback_events: int = 0
+    reconnects: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -91,6 +108,11 @@ class GenerationStats:
                 f"(rate {r.acceptance_rate:.2f}), mean accepted length {r.mean_accepted_length:.2f}"
             )
             lines.append(f"  acceptance per position: {per_pos}")
+        if self.unverified_tokens or self.fallback_events:
+            lines.append(
+                f"  NOT VERIFIED: {self.unverified_tokens} tokens from the draft alone "
+                f"({self.fallback_events} edge losses, {self.reconnects} reconnects)"
+            )
         if self.bytes_up or self.bytes_down:
             lines.append(
                 f"  bytes up {self.bytes_up}, down {self.bytes_down}, "
@@ -105,6 +127,12 @@ class GenerationResult:
     text: str
     finish_reason: str  # "eos" | "length" | "stop"
     stats: GenerationStats
+    verified: list[bool] = field(default_factory=list)  # per token: checked by the target
+
+    @property
+    def exact(self) -> bool:
+        """True when every token was verified by the target (no fallback)."""
+        return all(self.verified)
 
 
 class StopText:
@@ -167,9 +195,10 @@ class _Output:
         t0: float,
     ) -> None:
         self.ids: list[int] = []
+        self.verified: list[bool] = []
         self.finish_reason = ""
         self._config = config
-        self._eos = set(eos_ids)
+        self.eos = set(eos_ids)
         self._on_tokens = on_tokens
         self._shown = StopText(drafter.detokenize, eos_ids, config.stop)
         self._t0 = t0
@@ -179,12 +208,12 @@ class _Output:
     def text(self) -> str:
         return self._shown.text
 
-    def commit(self, ids: Sequence[int]) -> bool:
+    def commit(self, ids: Sequence[int], verified: bool = True) -> bool:
         """Append committed ids; returns True when generation is finished."""
         new: list[int] = []
         for tok in ids:
             new.append(int(tok))
-            if tok in self._eos:
+            if tok in self.eos:
                 self.finish_reason = "eos"
                 break
             if len(self.ids) + len(new) >= self._config.max_new_tokens:
@@ -195,27 +224,38 @@ class _Output:
         if not self.ids:
             self.ttft_s = time.perf_counter() - self._t0
         self.ids.extend(new)
+        self.verified.extend([verified] * len(new))
         piece = self._shown.feed(new)
         if self._shown.stopped_at is not None:
             self.finish_reason = "stop"
         if self._on_tokens is not None:
-            self._on_tokens(new, piece)
+            self._on_tokens(new, piece, verified)
         return bool(self.finish_reason)
 
     def finish(self) -> None:
         """Stream the held-back text that turned out not to start a stop string."""
         tail = self._shown.finish()
         if tail and self._on_tokens is not None:
-            self._on_tokens([], tail)
+            self._on_tokens([], tail, self.verified[-1] if self.verified else True)
 
 
 class DeviceClient:
     """Runs generation requests for one drafter, against one edge connection (lazily opened)."""
 
-    def __init__(self, drafter: LlamaDrafter, edge_url: str | None = None, *, client_name: str = "") -> None:
+    def __init__(
+        self,
+        drafter: LlamaDrafter,
+        edge_url: str | None = None,
+        *,
+        client_name: str = "",
+        auth_token: str = "",
+        ssl_context: "ssl.SSLContext | None" = None,
+    ) -> None:
         self.drafter = drafter
         self.edge_url = edge_url
         self.client_name = client_name
+        self.auth_token = auth_token
+        self.ssl_context = ssl_context
         self._link: EdgeLink | None = None
         self._fingerprint = vocab_fingerprint(drafter.vocab_tokens())
 
@@ -223,15 +263,19 @@ class DeviceClient:
         if self._link is None:
             if not self.edge_url:
                 raise ValueError("this mode needs an edge: pass edge_url (ws://HOST:PORT)")
-            hello = wire.Hello(wire.VERSION, self._fingerprint, self.drafter.n_vocab, self.client_name)
-            self._link = await EdgeLink.connect(self.edge_url, hello)
+            hello = wire.Hello(wire.VERSION, self._fingerprint, self.drafter.n_vocab, self.client_name,
+                               self.auth_token)
+            self._link = await EdgeLink.connect(self.edge_url, hello, ssl_context=self.ssl_context)
             log.info("connected to edge %s (model %s)", self.edge_url, self._link.welcome.model)
         return self._link
 
     async def close(self) -> None:
         if self._link is not None:
-            await self._link.close()
-            self._link = None
+            link, self._link = self._link, None
+            try:
+                await asyncio.wait_for(link.close(), 5.0)
+            except (OSError, asyncio.TimeoutError, WebSocketException):
+                pass
 
     async def generate(
         self,
@@ -244,45 +288,108 @@ class DeviceClient:
             raise ValueError("empty prompt")
         t0 = time.perf_counter()
         stats = GenerationStats(mode=config.mode, prompt_tokens=len(prompt))
+        rng = rng_for(config.seed, DEVICE_STREAM)
+        out = _Output(self.drafter, config, self.drafter.eos_token_ids, on_tokens, t0)
         if config.mode == "device-only":
-            out = _Output(self.drafter, config, self.drafter.eos_token_ids, on_tokens, t0)
-            self._device_only(prompt, config, out, stats)
+            self._alone(prompt, config, out, rng)
         else:
-            link = await self.connect()
-            up0, down0 = link.bytes_up, link.bytes_down
-            # the target decides where its output ends: its EOS set, not the draft's
-            out = _Output(self.drafter, config, link.welcome.eos_token_ids, on_tokens, t0)
-            start = wire.Start(
-                mode=config.mode,
-                sampling=config.sampling,
-                seed=config.seed,
-                max_new_tokens=config.max_new_tokens,
-                prompt_ids=np.asarray(prompt, np.int32),
-                downlink=config.downlink,
-            )
-            await link.send(start)
-            if config.mode == "edge-only":
-                await self._edge_only(link, out)
-            else:
-                await self._speculate(link, prompt, config, out, stats)
-            await link.send(wire.End(len(prompt) + len(out.ids)))
-            while True:  # edge-only may still have tokens in flight before Done
-                msg = await link.recv((wire.Done, wire.Tokens))
-                if isinstance(msg, wire.Done):
-                    stats.edge = msg.stats
-                    break
-            stats.bytes_up = link.bytes_up - up0
-            stats.bytes_down = link.bytes_down - down0
+            await self._with_edge(prompt, config, out, stats, rng)
         out.finish()
         stats.tokens = len(out.ids)
+        stats.unverified_tokens = out.verified.count(False)
         stats.wall_s = time.perf_counter() - t0
         stats.ttft_s = out.ttft_s
-        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats)
+        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats, out.verified)
 
-    def _device_only(
-        self, prompt: list[int], config: GenerationConfig, out: _Output, stats: GenerationStats
+    async def _with_edge(
+        self,
+        prompt: list[int],
+        config: GenerationConfig,
+        out: _Output,
+        stats: GenerationStats,
+        rng: np.random.Generator,
     ) -> None:
-        rng = rng_for(config.seed, DEVICE_STREAM)
+        """Run the request on the edge; on a lost edge retry once at once, then fall back to
+        the draft alone (flagged) with reconnection attempts under exponential backoff.
+
+        A resumed request restarts on the edge from everything committed so far (the edge
+        prefills it), so no committed token is lost or duplicated; it gets a fresh seed,
+        since reusing the edge's random stream would correlate it with past decisions.
+        """
+        backoff = 0.25
+        attempt = 0
+        retried = False
+        while not out.finish_reason:
+            link = None
+            try:
+                link = await self.connect()
+                if attempt:
+                    stats.reconnects += 1
+                await self._request(link, prompt, config, out, stats, rng, attempt)
+                return
+            except (ConnectionError, OSError, asyncio.TimeoutError, WebSocketException, EdgeError) as exc:
+                if isinstance(exc, EdgeError) and exc.code not in TRANSIENT_EDGE_ERRORS:
+                    raise
+                if link is not None:
+                    stats.bytes_up += link.bytes_up
+                    stats.bytes_down += link.bytes_down
+                await self.close()
+                if not config.fallback:
+                    raise ConnectionError(f"lost the edge: {exc}") from exc
+                attempt += 1
+                if not retried:  # a dropped connection: reconnect at once, lose nothing
+                    retried = True
+                    log.warning("edge connection lost (%s); reconnecting", exc)
+                    continue
+                stats.fallback_events += 1
+                log.warning("edge unreachable (%s); generating unverified for %.2f s", exc, backoff)
+                deadline = time.perf_counter() + backoff
+                while not out.finish_reason and time.perf_counter() < deadline:
+                    tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng)
+                    out.commit([tok], verified=False)
+                backoff = min(backoff * 2, config.max_backoff_s)
+
+    async def _request(
+        self,
+        link: EdgeLink,
+        prompt: list[int],
+        config: GenerationConfig,
+        out: _Output,
+        stats: GenerationStats,
+        rng: np.random.Generator,
+        attempt: int,
+    ) -> None:
+        """One request on one connection, from everything committed so far."""
+        up0, down0 = link.bytes_up, link.bytes_down
+        out.eos = set(link.welcome.eos_token_ids)  # the target decides where its output ends
+        committed = prompt + out.ids
+        await link.send(
+            wire.Start(
+                mode=config.mode,
+                sampling=config.sampling,
+                seed=resume_seed(config.seed, attempt),
+                max_new_tokens=config.max_new_tokens - len(out.ids),
+                prompt_ids=np.asarray(committed, np.int32),
+                downlink=config.downlink,
+            )
+        )
+        if config.mode == "edge-only":
+            await self._edge_only(link, out, config)
+        else:
+            await self._speculate(link, committed, config, out, stats, rng)
+        await link.send(wire.End(len(prompt) + len(out.ids)))
+        while True:  # edge-only may still have tokens in flight before Done
+            msg = await link.recv((wire.Done, wire.Tokens), timeout=config.round_timeout_s)
+            if isinstance(msg, wire.Done):
+                stats.edge = msg.stats
+                break
+        stats.bytes_up += link.bytes_up - up0
+        stats.bytes_down += link.bytes_down - down0
+
+    def _alone(
+        self, prompt: list[int], config: GenerationConfig, out: _Output, rng: np.random.Generator
+    ) -> None:
+        """Device-only decoding: the draft model alone (fast, draft quality)."""
         committed = list(prompt)
         while True:
             tok = self.drafter.next_token(committed, config.sampling, rng)
@@ -290,25 +397,25 @@ class DeviceClient:
             if out.commit([tok]):
                 return
 
-    async def _edge_only(self, link: EdgeLink, out: _Output) -> None:
+    async def _edge_only(self, link: EdgeLink, out: _Output, config: GenerationConfig) -> None:
         while True:
-            msg = await link.recv(wire.Tokens)
+            msg = await link.recv(wire.Tokens, timeout=config.round_timeout_s)
             if out.commit(msg.ids.tolist()) or msg.done:
                 return
 
     async def _speculate(
         self,
         link: EdgeLink,
-        prompt: list[int],
+        committed: list[int],
         config: GenerationConfig,
         out: _Output,
         stats: GenerationStats,
+        rng: np.random.Generator,
     ) -> None:
         """dssd / dssd-paper / dsd rounds until EOS, length or a stop string."""
-        rng = rng_for(config.seed, DEVICE_STREAM)
         greedy = config.sampling.greedy
         max_gamma = min(config.gamma, link.welcome.max_gamma)
-        committed = list(prompt)
+        committed = list(committed)
         prefix: list[int] = []
         round_no = 0
         budget = CandidateBudget()
@@ -326,12 +433,14 @@ class DeviceClient:
             )
             round_no += 1
             await link.send(msg, round=round_no)
-            verdict = await link.recv(wire.VerdictMsg)
+            verdict = await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s)
             j = verdict.n_accepted
             if j > gamma:
                 raise wire.Malformed(f"edge accepted {j} of {gamma} drafts")
             if verdict.kind is VerdictKind.RESAMPLE:
-                token = await self._resample(link, verdict, self.drafter.q_row(j), rng, budget, stats)
+                token = await self._resample(
+                    link, verdict, self.drafter.q_row(j), rng, budget, stats, config.round_timeout_s
+                )
                 prefix = [token]
             else:
                 token = verdict.token
@@ -350,6 +459,7 @@ class DeviceClient:
         rng: np.random.Generator,
         budget: CandidateBudget,
         stats: GenerationStats,
+        timeout: float,
     ) -> int:
         """The residual draw; with candidates, ask for 4x more until the full row is cheaper."""
         trials = 0
@@ -364,7 +474,7 @@ class DeviceClient:
             want = next_request_size(verdict.p_ids.size, q_row.size)
             stats.rounds.more_requests += 1
             await link.send(wire.More(want))
-            reply = await link.recv(wire.VerdictMsg)
+            reply = await link.recv(wire.VerdictMsg, timeout=timeout)
             if reply.kind is not VerdictKind.RESAMPLE or reply.n_accepted != verdict.n_accepted:
                 raise wire.Malformed("edge answered More with a different verdict")
             verdict = reply

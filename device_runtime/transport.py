@@ -1,7 +1,9 @@
 """The device's WebSocket link to the edge: handshake, framed send/recv, byte accounting."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 from typing import TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -39,12 +41,15 @@ class EdgeLink:
         self.bytes_down = 0
 
     @classmethod
-    async def connect(cls, url: str, hello: wire.Hello, *, timeout: float = 30.0) -> "EdgeLink":
-        ws = await connect(url, compression=None, max_size=MAX_FRAME, open_timeout=timeout)
+    async def connect(
+        cls, url: str, hello: wire.Hello, *, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None
+    ) -> "EdgeLink":
+        kwargs = {"ssl": ssl_context} if url.startswith("wss://") and ssl_context is not None else {}
+        ws = await connect(url, compression=None, max_size=MAX_FRAME, open_timeout=timeout, **kwargs)
         link = cls(ws, welcome=None)  # type: ignore[arg-type]
         try:
             await link.send(hello)
-            link.welcome = await link.recv(wire.Welcome)
+            link.welcome = await link.recv(wire.Welcome, timeout=timeout)
         except BaseException:
             await ws.close()
             raise
@@ -55,10 +60,13 @@ class EdgeLink:
         self.bytes_up += len(data)
         await self._ws.send(data)
 
-    async def recv(self, expected: type[M] | tuple[type, ...]) -> M:
-        """The next frame, which must be of type `expected` (an Error frame raises EdgeError)."""
+    async def recv(self, expected: type[M] | tuple[type, ...], timeout: float | None = None) -> M:
+        """The next frame, which must be of type `expected` (an Error frame raises EdgeError).
+
+        Raises asyncio.TimeoutError after `timeout` seconds without a frame.
+        """
         try:
-            data = await self._ws.recv()
+            data = await asyncio.wait_for(self._ws.recv(), timeout)
         except ConnectionClosed as exc:
             raise ConnectionError(f"edge closed the connection: {exc}") from None
         if isinstance(data, str):

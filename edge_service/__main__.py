@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -31,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gamma", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--max-context", type=int, default=None, help="cap below the model's context")
+    p.add_argument("--token", action="append", default=[],
+                   help="access token a device must present (repeatable; also $DSSD_EDGE_TOKENS, "
+                        "comma-separated). Without one, keep the default loopback bind")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss://")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds to receive Hello")
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a frame")
+    p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -49,9 +58,19 @@ async def _serve(args: argparse.Namespace) -> None:
         model = TorchTargetModel(model_path, dtype=args.dtype, device=args.device, threads=args.threads)
     limits = EdgeLimits(max_gamma=args.max_gamma, max_new_tokens=args.max_new_tokens,
                         max_context=args.max_context)
-    server = EdgeServer(model, ServerConfig(args.host, args.port, args.max_sessions, limits))
+    tokens = set(args.token) | {t for t in os.environ.get("DSSD_EDGE_TOKENS", "").split(",") if t}
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    config = ServerConfig(
+        host=args.host, port=args.port, max_sessions=args.max_sessions, limits=limits,
+        auth_tokens=frozenset(tokens), tls_cert=args.tls_cert, tls_key=args.tls_key,
+        handshake_timeout_s=args.handshake_timeout, idle_timeout_s=args.idle_timeout,
+        rate_per_s=args.rate, rate_burst=int(2 * args.rate),
+    )
+    server = EdgeServer(model, config)
     port = await server.start()
-    print(f"edge_service ready on ws://{args.host}:{port} serving {model.name}", flush=True)
+    print(f"edge_service ready on {server.scheme}://{args.host}:{port} serving {model.name} "
+          f"(health: http{'s' if args.tls_cert else ''}://{args.host}:{port}/health)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

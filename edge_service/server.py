@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import ssl
+import time
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
 from websockets.exceptions import ConnectionClosed
 
 from edge_service.backends.base import TargetModel
@@ -30,6 +35,34 @@ class ServerConfig:
     port: int = 8765
     max_sessions: int = 64
     limits: EdgeLimits = field(default_factory=EdgeLimits)
+    #: Shared access tokens; a device must present one in its Hello. Empty: no check.
+    auth_tokens: frozenset[str] = frozenset()
+    #: TLS (wss://): PEM certificate chain and private key.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    #: Per-connection frame rate: sustained frames/s and burst.
+    rate_per_s: float = 500.0
+    rate_burst: int = 1000
+
+
+class TokenBucket:
+    """Frame-rate limit of one connection: `rate` per second sustained, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self._tokens = float(burst)
+        self._t = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 class EdgeServer:
@@ -39,51 +72,109 @@ class EdgeServer:
         self.model = model
         self.config = config
         self._ids = itertools.count(1)
-        self._active = 0
+        self._connections: set[ServerConnection] = set()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-model")
         self._server: Server | None = None
+        self._closing = False
+        self.scheme = "wss" if config.tls_cert else "ws"
 
     @property
     def active_sessions(self) -> int:
-        return self._active
+        return len(self._connections)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "closing" if self._closing else "ok",
+            "model": self.model.name,
+            "sessions": self.active_sessions,
+            "max_sessions": self.config.max_sessions,
+            "protocol_version": wire.VERSION,
+        }
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
 
     async def start(self) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
+        if not self.config.auth_tokens:
+            if self.config.host in ("127.0.0.1", "localhost", "::1"):
+                log.warning("no access token configured: serving loopback only (use --token to accept "
+                            "remote devices)")
+            else:
+                log.warning("no access token configured and bound to %s: any client that reaches "
+                            "this port can use the edge", self.config.host)
         self._server = await serve(
             self._handle,
             self.config.host,
             self.config.port,
             compression=None,
             max_size=self.config.limits.max_frame_bytes,
+            ssl=self._ssl_context(),
+            process_request=self._http,
         )
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
-        log.info("edge serving %s on ws://%s:%d", self.model.name, self.config.host, port)
+        log.info("edge serving %s on %s://%s:%d", self.model.name, self.scheme, self.config.host, port)
         return port
 
-    async def close(self) -> None:
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Plain HTTP GET /health on the WebSocket port, for orchestration."""
+        if request.path == "/health":
+            return connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
+        return None
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Graceful shutdown: refuse new work, tell every device, close, never hang."""
+        self._closing = True
+        for ws in list(self._connections):
+            await _refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down", timeout=grace_s)
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("connections still open after %.0f s; exiting anyway", grace_s)
         self._worker.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def _handle(self, ws: ServerConnection) -> None:
-        if self._active >= self.config.max_sessions:
-            await _refuse(ws, ErrorCode.BUSY, f"edge busy: {self._active} sessions active")
+        if self._closing:
+            await _refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
             return
-        self._active += 1
-        session = EdgeSession(self.model, self.config.limits, next(self._ids))
+        if len(self._connections) >= self.config.max_sessions:
+            await _refuse(ws, ErrorCode.BUSY, f"edge busy: {len(self._connections)} sessions active")
+            return
+        self._connections.add(ws)
+        cfg = self.config
+        session = EdgeSession(self.model, cfg.limits, next(self._ids), auth_tokens=cfg.auth_tokens)
+        bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
         stream: asyncio.Task | None = None
-        peer = ws.remote_address
-        log.info("session %d opened from %s", session.session_id, peer)
+        log.info("session %d opened from %s", session.session_id, ws.remote_address)
         try:
-            async for raw in ws:
+            while True:
+                timeout = cfg.idle_timeout_s if session.greeted else cfg.handshake_timeout_s
                 try:
-                    frame = wire.decode(raw, max_frame=self.config.limits.max_frame_bytes)
+                    raw = await asyncio.wait_for(ws.recv(), timeout)
+                except asyncio.TimeoutError:
+                    what = "idle" if session.greeted else "handshake"
+                    await _refuse(ws, ErrorCode.LIMIT, f"{what} timeout after {timeout:.0f} s")
+                    return
+                if not bucket.take():
+                    await _refuse(ws, ErrorCode.LIMIT, f"rate limit of {cfg.rate_per_s:.0f} frames/s exceeded")
+                    return
+                try:
+                    frame = wire.decode(raw, max_frame=cfg.limits.max_frame_bytes)
                 except wire.WireError as exc:
                     await _refuse(ws, ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}")
+                    return
+                if session.greeted and frame.session != session.session_id:
+                    await _refuse(ws, ErrorCode.UNEXPECTED, f"frame for session {frame.session} on "
+                                  f"session {session.session_id}")
                     return
                 if isinstance(frame.message, wire.End) and stream is not None:
                     stream.cancel()
@@ -106,8 +197,9 @@ class EdgeServer:
         finally:
             if stream is not None:
                 stream.cancel()
-            await self._run(session.close)
-            self._active -= 1
+            self._connections.discard(ws)
+            if not self._worker._shutdown:  # noqa: SLF001 - closing during shutdown
+                await self._run(session.close)
             log.info("session %d closed", session.session_id)
 
     async def _stream_edge_only(self, ws: ServerConnection, session: EdgeSession) -> None:
@@ -122,11 +214,13 @@ class EdgeServer:
             await _refuse(ws, exc.code, str(exc))
 
 
-async def _refuse(ws: ServerConnection, code: ErrorCode, message: str) -> None:
+async def _refuse(ws: ServerConnection, code: ErrorCode, message: str, timeout: float = 5.0) -> None:
+    """Send an Error frame and close the connection cleanly (bounded in time)."""
     try:
-        await ws.send(wire.encode(wire.Error(int(code), message)))
-        await ws.close(code=1008 if code != ErrorCode.INTERNAL else 1011, reason=code.name)
-    except ConnectionClosed:
+        await asyncio.wait_for(ws.send(wire.encode(wire.Error(int(code), message))), timeout)
+        await asyncio.wait_for(ws.close(code=1011 if code == ErrorCode.INTERNAL else 1008,
+                                        reason=code.name), timeout)
+    except (ConnectionClosed, asyncio.TimeoutError, OSError):
         pass
 
 
@@ -148,7 +242,7 @@ class EdgeServerThread:
     def __enter__(self) -> "EdgeServerThread":
         self._thread.start()
         port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
-        self.url = f"ws://{self.server.config.host}:{port}"
+        self.url = f"{self.server.scheme}://{self.server.config.host}:{port}"
         return self
 
     def __exit__(self, *exc: object) -> None:

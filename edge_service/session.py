@@ -6,6 +6,7 @@ worker thread; tests can drive it directly.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -70,8 +71,16 @@ class _Request:
 class EdgeSession:
     """One device connection: handshake, then requests of rounds."""
 
-    def __init__(self, model: TargetModel, limits: EdgeLimits, session_id: int) -> None:
+    def __init__(
+        self,
+        model: TargetModel,
+        limits: EdgeLimits,
+        session_id: int,
+        *,
+        auth_tokens: frozenset[str] = frozenset(),
+    ) -> None:
         self.model = model
+        self._auth_tokens = auth_tokens
         self.limits = limits
         self.session_id = session_id
         self.fingerprint = vocab_fingerprint(model.vocab_tokens)
@@ -92,6 +101,10 @@ class EdgeSession:
                 ErrorCode.VERSION,
                 f"device speaks protocol {msg.protocol_version}, edge speaks {wire.VERSION}",
             )
+        if self._auth_tokens and not any(
+            hmac.compare_digest(msg.auth_token.encode(), t.encode()) for t in self._auth_tokens
+        ):
+            raise ProtocolError(ErrorCode.AUTH, "missing or wrong access token")
         if msg.vocab_fingerprint != self.fingerprint or msg.n_vocab > self.model.n_vocab:
             raise ProtocolError(
                 ErrorCode.VOCAB_MISMATCH,
@@ -112,6 +125,10 @@ class EdgeSession:
         )
 
     # -- dispatch -------------------------------------------------------------------
+
+    @property
+    def greeted(self) -> bool:
+        return self._greeted
 
     @property
     def streaming(self) -> bool:

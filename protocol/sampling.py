@@ -58,6 +58,18 @@ def rng_for(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
+def resume_seed(seed: int, attempt: int) -> int:
+    """The request seed for the `attempt`-th (re)start of a request on the edge.
+
+    Attempt 0 is the seed itself; a resumed request gets an independent derived seed,
+    because replaying the edge's stream would reuse uniforms that already decided the
+    committed prefix.
+    """
+    if attempt == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, attempt]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def greedy_token(logits: np.ndarray) -> int:
     """Argmax with ties to the lowest id (numpy's argmax already does this)."""
     return int(np.argmax(logits))
