@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--mode", choices=MODES, default="dssd")
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--gamma", default="auto",
+                   help="draft tokens per round: 'auto' (adaptive, up to --max-gamma) or a number")
+    p.add_argument("--max-gamma", type=int, default=8, help="upper bound for --gamma auto")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="do not draft ahead while a verdict is in flight")
     p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 disables")
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
@@ -60,7 +64,7 @@ async def _run(args: argparse.Namespace) -> int:
     from quantize.defaults import default_models
 
     drafter = LlamaDrafter(args.model or default_models().draft_q4_0_gguf,
-                           n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=max(args.gamma, 1))
+                           n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=max(args.max_gamma, 1 if args.gamma == "auto" else int(args.gamma)))
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.chat})
@@ -71,7 +75,9 @@ async def _run(args: argparse.Namespace) -> int:
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
-        gamma=args.gamma,
+        gamma=None if args.gamma == "auto" else int(args.gamma),
+        max_gamma=args.max_gamma,
+        pipeline=not args.no_pipeline,
         seed=args.seed,
         stop=tuple(args.stop),
         downlink=args.downlink,

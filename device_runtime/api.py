@@ -301,7 +301,7 @@ class DeviceRuntime:
         self.n_ctx = min(d.n_ctx for d in self._drafters)
         self.n_vocab = first.n_vocab
         # the drafter's buffers hold max_gamma + 1 rows; draft() accepts gamma up to that
-        self.max_gamma = min(d._q_rows.shape[0] for d in self._drafters) - 1
+        self.max_gamma = min(d.max_gamma for d in self._drafters)
         self.max_queue = max_queue
         self._slots = [_Slot(d, self.edge_url, client_name) for d in self._drafters]
         self._pending: set[concurrent.futures.Future] = set()

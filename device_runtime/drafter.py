@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -66,9 +66,12 @@ class LlamaDrafter:
         self.n_ctx = n_ctx
         self._tokens: list[int] = []  # exactly what the KV cache holds
         self._eog: tuple[int, ...] | None = None
-        self._q_rows = np.empty((max_gamma + 1, self.n_vocab), np.float32)
-        self._ids = np.empty(max_gamma + 1, np.int32)
-        self._q_draft = np.empty(max_gamma + 1, np.float32)
+        # two slots: a pipelined draft fills one while the other's Q rows still serve
+        # the residual resample of the round in flight
+        self.max_gamma = max_gamma
+        self._q_rows = np.empty((2, max_gamma + 2, self.n_vocab), np.float32)
+        self._ids = np.empty((2, max_gamma + 2), np.int32)
+        self._q_draft = np.empty((2, max_gamma + 2), np.float32)
 
     # -- vocabulary -----------------------------------------------------------------
 
@@ -143,26 +146,35 @@ class LlamaDrafter:
         gamma: int,
         params: SamplingParams,
         rng: np.random.Generator,
+        *,
+        slot: int = 0,
+        keep_going: Callable[[np.ndarray], bool] | None = None,
     ) -> Draft:
-        """Sample gamma tokens after `committed`, keeping each exact Q_i."""
-        if gamma > self._q_rows.shape[0]:
-            raise ValueError(f"gamma {gamma} exceeds the drafter's buffer of {self._q_rows.shape[0]}")
+        """Sample up to gamma tokens after `committed`, keeping each exact Q_i.
+
+        `keep_going(ids_so_far)` is asked before each further token (pipelined drafting
+        stops early when the verdict makes the work useless). Results live in buffer
+        `slot` (0 or 1) until the next draft into the same slot.
+        """
+        if gamma > self._q_rows.shape[1]:
+            raise ValueError(f"gamma {gamma} exceeds the drafter's buffer of {self._q_rows.shape[1]}")
         if len(committed) + gamma > self.n_ctx:
             raise ValueError("draft would exceed the draft model's context")
+        ids, q_draft, q_rows = self._ids[slot], self._q_draft[slot], self._q_rows[slot]
         logits = self._logits_after(committed)
+        n = 0
         for i in range(gamma):
-            row = probabilities(logits, params, out=self._q_rows[i])
+            if i and keep_going is not None and not keep_going(ids[:i]):
+                break
+            row = probabilities(logits, params, out=q_rows[i])
             tok = int(np.argmax(logits)) if params.greedy else sample(row, rng)
-            self._ids[i] = tok
-            self._q_draft[i] = row[tok]
+            ids[i] = tok
+            q_draft[i] = row[tok]
+            n = i + 1
             if i + 1 < gamma:
                 self._eval([tok])
                 logits = self._last_logits()
-        return Draft(self._ids[:gamma], self._q_draft[:gamma], self._q_rows[:gamma])
-
-    def q_row(self, i: int) -> np.ndarray:
-        """Q_i of the latest draft (for the residual resample at position i)."""
-        return self._q_rows[i]
+        return Draft(ids[:n], q_draft[:n], q_rows[:n])
 
     def next_token(
         self, committed: Sequence[int], params: SamplingParams, rng: np.random.Generator

@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from device_runtime.drafter import LlamaDrafter
+from device_runtime.drafter import Draft, LlamaDrafter
+from device_runtime.gamma import GammaController
 from websockets.exceptions import WebSocketException
 
 from device_runtime.transport import EdgeError, EdgeLink
@@ -34,6 +35,7 @@ MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
 #: the target verified them (False for fallback tokens from the draft alone).
 TokenCallback = Callable[[list[int], str, bool], None]
 #: Edge errors that mean "the edge is gone for now", not "this request is wrong".
+_STOP = object()  # tells a pipelined draft to stop
 TRANSIENT_EDGE_ERRORS = (wire.ErrorCode.BUSY, wire.ErrorCode.SHUTDOWN, wire.ErrorCode.INTERNAL)
 
 
@@ -42,10 +44,14 @@ class GenerationConfig:
     mode: str = "dssd"
     max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(0.7, 40, 0.95))
-    gamma: int = 4
+    gamma: int | None = None
     seed: int = 0
     stop: tuple[str, ...] = ()
     downlink: str = "auto"
+    #: None: adaptive gamma (GammaController) up to max_gamma; an int: fixed gamma.
+    max_gamma: int = 8
+    #: Keep drafting while a verdict is in flight (work kept when all drafts pass).
+    pipeline: bool = True
     #: When the edge is lost: keep generating with the draft alone (tokens flagged as not
     #: verified) and resume exact decoding on reconnection; False raises instead.
     fallback: bool = True
@@ -58,8 +64,8 @@ class GenerationConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.gamma < 0:
-            raise ValueError("gamma must be >= 0")
+        if self.gamma is not None and self.gamma < 0:
+            raise ValueError("gamma must be >= 0 (or None for adaptive)")
         if not 0 <= self.seed < 2**63:
             raise ValueError("seed must be in [0, 2^63)")
 
@@ -75,6 +81,9 @@ class GenerationStats:
     bytes_down: int = 0
     rounds: RoundStats = field(default_factory=RoundStats)
     edge: dict[str, Any] = field(default_factory=dict)
+    gammas: list[int] = field(default_factory=list)  # gamma of each round
+    pipelined_kept: int = 0  # draft tokens prepared while waiting and used
+    pipelined_discarded: int = 0
     unverified_tokens: int = 0  # produced by the draft alone while the edge was lost
     fallback_events: int = 0
     reconnects: int = 0
@@ -108,6 +117,11 @@ class GenerationStats:
                 f"(rate {r.acceptance_rate:.2f}), mean accepted length {r.mean_accepted_length:.2f}"
             )
             lines.append(f"  acceptance per position: {per_pos}")
+            g = self.gammas
+            lines.append(
+                f"  gamma per round: mean {sum(g) / len(g):.2f} (min {min(g)}, max {max(g)}); "
+                f"pipelined drafts kept {self.pipelined_kept}, discarded {self.pipelined_discarded}"
+            )
         if self.unverified_tokens or self.fallback_events:
             lines.append(
                 f"  NOT VERIFIED: {self.unverified_tokens} tokens from the draft alone "
@@ -412,17 +426,40 @@ class DeviceClient:
         stats: GenerationStats,
         rng: np.random.Generator,
     ) -> None:
-        """dssd / dssd-paper / dsd rounds until EOS, length or a stop string."""
+        """dssd / dssd-paper / dsd rounds until EOS, length or a stop string.
+
+        With pipelining, while a round's verdict is in flight the drafter keeps going on a
+        worker thread: a guess for the bonus token, then the next round's drafts. They are
+        kept only if the edge accepts everything and its bonus equals the guess: they are
+        then ordinary draws from Q after the committed prefix, so exactness is unchanged.
+        """
         greedy = config.sampling.greedy
-        max_gamma = min(config.gamma, link.welcome.max_gamma)
+        max_gamma = min(config.gamma if config.gamma is not None else config.max_gamma,
+                        link.welcome.max_gamma, self.drafter.max_gamma)
+        control = GammaController(max_gamma) if config.gamma is None else None
+        loop = asyncio.get_running_loop()
         committed = list(committed)
         prefix: list[int] = []
         round_no = 0
+        slot = 0
+        ahead: Draft | None = None  # the next round's draft, from pipelining
         budget = CandidateBudget()
         while True:
             t_round = time.perf_counter()
-            gamma = min(max_gamma, config.max_new_tokens - len(out.ids) - 1)
-            d = self.drafter.draft(committed, gamma, config.sampling, rng)
+            remaining = config.max_new_tokens - len(out.ids) - 1
+            gamma = min(control.choose() if control else max_gamma, remaining)
+            if ahead is not None and gamma > 0:
+                d = Draft(ahead.ids[:gamma], ahead.q_draft[:gamma], ahead.q_rows[:gamma])
+                stats.pipelined_kept += len(d.ids)
+                stats.pipelined_discarded += len(ahead.ids) - len(d.ids)
+                gamma = len(d.ids)
+                draft_s = 0.0
+            else:
+                if ahead is not None:
+                    stats.pipelined_discarded += len(ahead.ids)
+                d = self.drafter.draft(committed, gamma, config.sampling, rng, slot=slot)
+                draft_s = time.perf_counter() - t_round
+            ahead = None
             msg = wire.Draft(
                 n_committed=len(committed),
                 prefix_ids=np.asarray(prefix, np.int32),
@@ -432,14 +469,48 @@ class DeviceClient:
                 n_candidates=budget.k,
             )
             round_no += 1
+            t_sent = time.perf_counter()
             await link.send(msg, round=round_no)
-            verdict = await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s)
+            verdict_box: list[wire.VerdictMsg] = []
+            background = None
+            if config.pipeline and gamma >= 1 and remaining > gamma + 1:
+                n_ahead = min(gamma, remaining - gamma - 1) + 1  # the bonus guess + next drafts
+
+                def keep_going(ids: np.ndarray, box: list = verdict_box) -> bool:
+                    if not box:
+                        return True  # verdict not here yet: keep drafting
+                    v = box[0]
+                    return v is not _STOP and v.kind is VerdictKind.BONUS and int(ids[0]) == v.token
+
+                background = loop.run_in_executor(
+                    None,
+                    lambda base=committed + d.ids.tolist(), n=n_ahead, s=1 - slot: self.drafter.draft(
+                        base, n, config.sampling, rng, slot=s, keep_going=keep_going
+                    ),
+                )
+            try:
+                verdict = await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s)
+            except BaseException:
+                if background is not None:  # never leave the drafter busy on another thread
+                    verdict_box.append(_STOP)
+                    await asyncio.wait([background])
+                raise
+            wait_s = time.perf_counter() - t_sent
             j = verdict.n_accepted
             if j > gamma:
                 raise wire.Malformed(f"edge accepted {j} of {gamma} drafts")
+            if background is not None:
+                verdict_box.append(verdict)
+                guess = await background  # the drafter and rng are free again after this
+                if (verdict.kind is VerdictKind.BONUS and len(guess.ids) > 1
+                        and int(guess.ids[0]) == verdict.token):
+                    ahead = Draft(guess.ids[1:], guess.q_draft[1:], guess.q_rows[1:])
+                    slot = 1 - slot
+                else:
+                    stats.pipelined_discarded += len(guess.ids)
             if verdict.kind is VerdictKind.RESAMPLE:
                 token = await self._resample(
-                    link, verdict, self.drafter.q_row(j), rng, budget, stats, config.round_timeout_s
+                    link, verdict, d.q_rows[j], rng, budget, stats, config.round_timeout_s
                 )
                 prefix = [token]
             else:
@@ -448,6 +519,9 @@ class DeviceClient:
             new = d.ids[:j].tolist() + [token]
             committed.extend(new)
             stats.rounds.record_round(gamma, j, time.perf_counter() - t_round)
+            stats.gammas.append(gamma)
+            if control is not None:
+                control.observe(gamma, j, draft_s, wait_s)
             if out.commit(new):
                 return
 

@@ -1,0 +1,124 @@
+"""Adaptive gamma and pipelined drafting: exactness unchanged, and the controller's choices."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from device_runtime.drafter import LlamaDrafter
+from device_runtime.gamma import GammaController
+from device_runtime.session import DeviceClient, GenerationConfig
+from protocol.sampling import SamplingParams, probabilities
+from tests.test_end_to_end import reference_greedy
+
+GREEDY = SamplingParams(0.0)
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny_pair) -> LlamaDrafter:  # noqa: ANN001
+    d = LlamaDrafter(tiny_pair.draft_gguf, n_ctx=512, n_threads=1, f32_kv_cache=True)
+    yield d
+    d.close()
+
+
+def _run_all(client: DeviceClient, requests):  # noqa: ANN001, ANN202
+    async def go():  # noqa: ANN202
+        try:
+            return [await client.generate(ids, cfg) for ids, cfg in requests]
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["dssd", "dsd"])
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_auto_gamma_and_pipelining_keep_greedy_exact(mode, pipeline, tiny_target, tiny_edge, drafter):  # noqa: ANN001
+    prompts = [drafter.tokenize(p, add_bos=False) for p in ("Hello world", "The cat sat on the", "Why")]
+    cfg = GenerationConfig(mode=mode, max_new_tokens=80, sampling=GREEDY, gamma=None, pipeline=pipeline)
+    results = _run_all(DeviceClient(drafter, tiny_edge.url), [(ids, cfg) for ids in prompts])
+    for ids, res in zip(prompts, results):
+        assert res.ids == reference_greedy(tiny_target, ids, 80)
+    kept = sum(r.stats.pipelined_kept for r in results)
+    assert (kept > 0) == pipeline
+    assert len({g for r in results for g in r.stats.gammas}) > 1, "the controller never changed gamma"
+
+
+def _exact_prefix_law(target, prompt_ids: list[int], params: SamplingParams, depth: int) -> dict:  # noqa: ANN001
+    """The target's exact law of the first `depth` sampled tokens."""
+    seq = target.new_sequence()
+    law: dict[tuple[int, ...], float] = {}
+
+    def walk(prefix: tuple[int, ...], mass: float) -> None:
+        seq.rollback(0)
+        p = probabilities(seq.forward(list(prompt_ids) + list(prefix))[-1], params).astype(np.float64)
+        for tok in np.flatnonzero(p):
+            if len(prefix) + 1 == depth:
+                law[prefix + (int(tok),)] = mass * p[tok]
+            else:
+                walk(prefix + (int(tok),), mass * p[tok])
+
+    walk((), 1.0)
+    seq.release()
+    return law
+
+
+@pytest.mark.slow
+def test_pipelined_sampling_follows_the_target(tiny_target, tiny_edge, drafter):  # noqa: ANN001
+    """gamma 1 with pipelining: token 3 often comes from a draft prepared while waiting."""
+    params = SamplingParams(1.0, top_k=3)
+    ids = drafter.tokenize("The cat sat on the", add_bos=False)
+    law = _exact_prefix_law(tiny_target, ids, params, 3)
+    n = 3000
+    counts: dict[tuple[int, ...], int] = {}
+    kept = 0
+
+    async def many() -> None:
+        nonlocal kept
+        client = DeviceClient(drafter, tiny_edge.url)
+        for seed in range(n):
+            cfg = GenerationConfig(mode="dssd", max_new_tokens=4, sampling=params, gamma=1, seed=seed)
+            res = await client.generate(ids, cfg)
+            kept += res.stats.pipelined_kept
+            key = tuple(res.ids[:3])
+            counts[key] = counts.get(key, 0) + 1
+        await client.close()
+
+    asyncio.run(many())
+    assert kept > n / 10, "pipelining was rarely exercised"
+    assert set(counts) <= set(law)
+    keys = sorted(law)
+    observed = np.array([counts.get(k, 0) for k in keys])
+    expected = np.array([law[k] for k in keys]) * n / sum(law.values())
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def _train(c: GammaController, alpha: float, t_draft: float, wait) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        g = c.choose()
+        accepted = 0
+        while accepted < g and rng.random() < alpha:
+            accepted += 1
+        c.observe(g, accepted, g * t_draft, wait(g))
+
+
+def test_controller_drafts_long_when_drafts_are_cheap_and_good() -> None:
+    c = GammaController(max_gamma=8)
+    _train(c, alpha=0.9, t_draft=0.001, wait=lambda g: 0.1 + 0.002 * g)
+    assert np.median(c.history[-50:]) >= 6
+
+
+def test_controller_reaches_gamma_zero_when_drafting_does_not_pay() -> None:
+    c = GammaController(max_gamma=8)
+    _train(c, alpha=0.05, t_draft=0.05, wait=lambda g: 0.02 + 0.001 * g)
+    assert np.median(c.history[-50:]) == 0
+
+
+def test_controller_backs_off_when_each_draft_token_is_expensive_on_the_link() -> None:
+    """DSD on a thin uplink: every draft token costs a full Q row of bytes."""
+    c = GammaController(max_gamma=8)
+    _train(c, alpha=0.7, t_draft=0.001, wait=lambda g: 0.05 + 0.2 * g)
+    assert np.median(c.history[-50:]) <= 1
