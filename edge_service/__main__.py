@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from edge_service.scheduler import BatchConfig
 from edge_service.server import EdgeServer, ServerConfig
 from edge_service.session import EdgeLimits
 
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds to receive Hello")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a frame")
     p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
+    p.add_argument("--batch-window-ms", type=float, default=3.0,
+                   help="longest a draft waits for other sessions' drafts to verify them in one batch")
+    p.add_argument("--max-batch", type=int, default=16, help="most rounds verified in one batched forward")
+    p.add_argument("--no-batching", action="store_true", help="verify every round on its own")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -66,6 +73,9 @@ async def _serve(args: argparse.Namespace) -> None:
         auth_tokens=frozenset(tokens), tls_cert=args.tls_cert, tls_key=args.tls_key,
         handshake_timeout_s=args.handshake_timeout, idle_timeout_s=args.idle_timeout,
         rate_per_s=args.rate, rate_burst=int(2 * args.rate),
+        batching=BatchConfig(enabled=not args.no_batching, window_ms=args.batch_window_ms,
+                             max_batch=args.max_batch),
+        metrics_port=args.metrics_port,
     )
     server = EdgeServer(model, config)
     port = await server.start()

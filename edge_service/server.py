@@ -22,6 +22,8 @@ from websockets.http11 import Request, Response
 from websockets.exceptions import ConnectionClosed
 
 from edge_service.backends.base import TargetModel
+from edge_service.metrics import EdgeMetrics
+from edge_service.scheduler import BatchConfig, VerifyScheduler
 from edge_service.session import EdgeLimits, EdgeSession, ProtocolError
 from protocol import wire
 from protocol.wire import ErrorCode
@@ -45,6 +47,10 @@ class ServerConfig:
     #: Per-connection frame rate: sustained frames/s and burst.
     rate_per_s: float = 500.0
     rate_burst: int = 1000
+    #: Cross-session verification batching (edge_service/scheduler.py).
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    #: Prometheus /metrics on this HTTP port (bound to `host`; 0: any free port). None: off.
+    metrics_port: int | None = None
 
 
 class TokenBucket:
@@ -77,6 +83,11 @@ class EdgeServer:
         self._server: Server | None = None
         self._closing = False
         self.scheme = "wss" if config.tls_cert else "ws"
+        self.metrics = EdgeMetrics(active_sessions=lambda: len(self._connections))
+        self.metrics_port: int | None = None  # bound /metrics port once started
+        self.scheduler = VerifyScheduler(
+            model, config.batching, self._run, metrics=self.metrics, active=lambda: len(self._connections)
+        )
 
     @property
     def active_sessions(self) -> int:
@@ -118,6 +129,8 @@ class EdgeServer:
         )
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         log.info("edge serving %s on %s://%s:%d", self.model.name, self.scheme, self.config.host, port)
+        if self.config.metrics_port is not None and self.metrics_port is None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         return port
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -130,24 +143,41 @@ class EdgeServer:
         """Graceful shutdown: refuse new work, tell every device, close, never hang."""
         self._closing = True
         for ws in list(self._connections):
-            await _refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down", timeout=grace_s)
+            await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down", timeout=grace_s)
         if self._server is not None:
             self._server.close()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), grace_s)
             except asyncio.TimeoutError:
                 log.warning("connections still open after %.0f s; exiting anyway", grace_s)
+        await self.scheduler.close()
         self._worker.shutdown(wait=True)
+        self.metrics.close()
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
+    async def _refuse(self, ws: ServerConnection, code: ErrorCode, message: str, **kwargs: Any) -> None:
+        """`_refuse`, counted in the metrics (errors by code, bytes out)."""
+        self.metrics.error(int(code))
+        self.metrics.bytes_out.inc(len(wire.encode(wire.Error(int(code), message))))
+        await _refuse(ws, code, message, **kwargs)
+
+    async def _dispatch(self, session: EdgeSession, msg: wire.Message) -> list[wire.Message]:
+        """Drafts go to the verification scheduler (batched across sessions); the rest to the worker."""
+        if isinstance(msg, wire.Draft):
+            replies = [await self.scheduler.submit(session, msg)]
+        else:
+            replies = await self._run(session.handle, msg)
+        self.metrics.observe(msg, replies)
+        return replies
+
     async def _handle(self, ws: ServerConnection) -> None:
         if self._closing:
-            await _refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
+            await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
             return
         if len(self._connections) >= self.config.max_sessions:
-            await _refuse(ws, ErrorCode.BUSY, f"edge busy: {len(self._connections)} sessions active")
+            await self._refuse(ws, ErrorCode.BUSY, f"edge busy: {len(self._connections)} sessions active")
             return
         self._connections.add(ws)
         cfg = self.config
@@ -160,40 +190,43 @@ class EdgeServer:
                 timeout = cfg.idle_timeout_s if session.greeted else cfg.handshake_timeout_s
                 try:
                     raw = await asyncio.wait_for(ws.recv(), timeout)
+                    self.metrics.bytes_in.inc(len(raw))
                 except asyncio.TimeoutError:
                     what = "idle" if session.greeted else "handshake"
-                    await _refuse(ws, ErrorCode.LIMIT, f"{what} timeout after {timeout:.0f} s")
+                    await self._refuse(ws, ErrorCode.LIMIT, f"{what} timeout after {timeout:.0f} s")
                     return
                 if not bucket.take():
-                    await _refuse(ws, ErrorCode.LIMIT, f"rate limit of {cfg.rate_per_s:.0f} frames/s exceeded")
+                    await self._refuse(ws, ErrorCode.LIMIT, f"rate limit of {cfg.rate_per_s:.0f} frames/s exceeded")
                     return
                 try:
                     frame = wire.decode(raw, max_frame=cfg.limits.max_frame_bytes)
                 except wire.WireError as exc:
-                    await _refuse(ws, ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}")
+                    await self._refuse(ws, ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}")
                     return
                 if session.greeted and frame.session != session.session_id:
-                    await _refuse(ws, ErrorCode.UNEXPECTED, f"frame for session {frame.session} on "
-                                  f"session {session.session_id}")
+                    await self._refuse(ws, ErrorCode.UNEXPECTED, f"frame for session {frame.session} on "
+                                       f"session {session.session_id}")
                     return
                 if isinstance(frame.message, wire.End) and stream is not None:
                     stream.cancel()
                     stream = None
                 try:
-                    replies = await self._run(session.handle, frame.message)
+                    replies = await self._dispatch(session, frame.message)
                 except ProtocolError as exc:
                     log.warning("session %d refused: %s", session.session_id, exc)
-                    await _refuse(ws, exc.code, str(exc))
+                    await self._refuse(ws, exc.code, str(exc))
                     return
                 for reply in replies:
-                    await ws.send(wire.encode(reply, session=session.session_id, round=frame.round))
+                    data = wire.encode(reply, session=session.session_id, round=frame.round)
+                    self.metrics.bytes_out.inc(len(data))
+                    await ws.send(data)
                 if session.streaming and stream is None:
                     stream = asyncio.create_task(self._stream_edge_only(ws, session))
         except ConnectionClosed:
             pass
         except Exception:  # a bug must not take the server down with it
             log.exception("session %d failed", session.session_id)
-            await _refuse(ws, ErrorCode.INTERNAL, "internal error on the edge")
+            await self._refuse(ws, ErrorCode.INTERNAL, "internal error on the edge")
         finally:
             if stream is not None:
                 stream.cancel()
@@ -207,11 +240,13 @@ class EdgeServer:
         try:
             while session.streaming:
                 msg = await self._run(session.edge_only_step)
-                await ws.send(wire.encode(msg, session=session.session_id))
+                data = wire.encode(msg, session=session.session_id)
+                self.metrics.bytes_out.inc(len(data))
+                await ws.send(data)
         except ConnectionClosed:
             pass
         except ProtocolError as exc:
-            await _refuse(ws, exc.code, str(exc))
+            await self._refuse(ws, exc.code, str(exc))
 
 
 async def _refuse(ws: ServerConnection, code: ErrorCode, message: str, timeout: float = 5.0) -> None:

@@ -68,6 +68,18 @@ class _Request:
     done: bool = False
 
 
+@dataclass
+class PreparedRound:
+    """A validated Draft waiting for its forward (see `EdgeSession.verify`)."""
+
+    msg: wire.Draft
+    request: _Request
+    prefix: list[int]
+    draft: np.ndarray
+    new_ids: list[int]  # pending + prefix + draft: what the target's forward must append
+    t0: float
+
+
 class EdgeSession:
     """One device connection: handshake, then requests of rounds."""
 
@@ -228,8 +240,26 @@ class EdgeSession:
         self._seq.rollback(n_tokens)
         del self._cached[n_tokens:]
 
+    @property
+    def sequence(self) -> TargetSequence | None:
+        """The session's KV-cache sequence (None before the first Start), for batched forwards."""
+        return self._seq
+
     def verify(self, msg: wire.Draft) -> wire.VerdictMsg:
-        """One DSSD / DSD round: forward pending + draft, verify, roll back, answer."""
+        """One DSSD / DSD round: forward pending + draft, verify, roll back, answer.
+
+        The three steps are also callable apart, so that the verification scheduler can
+        run the forwards of several sessions' rounds as one batch:
+        `prepare_verify` -> `sequence.forward(prep.new_ids)` -> `finish_verify`.
+        """
+        prep = self.prepare_verify(msg)
+        assert self._seq is not None
+        return self.finish_verify(prep, self._seq.forward(prep.new_ids))
+
+    def prepare_verify(self, msg: wire.Draft) -> PreparedRound:
+        """(a) Validate a Draft and compute the ids the target must see; changes no state."""
+        if not self._greeted:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "the first frame must be a Hello")
         r = self._require_request()
         if r.mode == "edge-only":
             raise ProtocolError(ErrorCode.UNEXPECTED, "drafts are not part of edge-only mode")
@@ -265,10 +295,18 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "sampled dssd drafts carry q(x) for each token")
 
         t0 = time.perf_counter()
-        r.committed.extend(prefix)
-        new = r.pending + prefix + draft.tolist()
+        return PreparedRound(msg, r, prefix, draft, r.pending + prefix + draft.tolist(), t0)
+
+    def finish_verify(self, prep: PreparedRound, logits: np.ndarray) -> wire.VerdictMsg:
+        """(c) Verify against the target's logits for `prep.new_ids` (already appended to the
+        sequence by `forward`), roll back to the accepted prefix, build the reply."""
+        msg, r, prefix, draft, new, t0 = prep.msg, prep.request, prep.prefix, prep.draft, prep.new_ids, prep.t0
+        gamma = draft.size
+        sampling = r.sampling
         n_before = len(self._cached)
-        logits = self._forward(r, new)[-(gamma + 1) :]
+        self._cached.extend(new)
+        r.committed.extend(prefix)
+        logits = logits[-(gamma + 1) :]
         if sampling.greedy:
             verdict = greedy_verify(logits.argmax(axis=1), draft)
             p_rows = None

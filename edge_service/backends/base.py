@@ -31,6 +31,20 @@ class TargetModel(ABC):
     def new_sequence(self) -> "TargetSequence":
         """A fresh per-session state with an empty KV cache."""
 
+    def forward_batch(
+        self, sequences: Sequence["TargetSequence"], new_ids: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """`sequences[i].forward(new_ids[i])` for every i; returns their logits in order.
+
+        Used by the verification scheduler to serve rounds of several sessions at once.
+        Each sequence ends exactly as if its own `forward` had run. This default runs the
+        forwards one after another; a backend that can run them as one batched forward
+        (the torch backend) overrides it. The sequences must be distinct.
+        """
+        if len(sequences) != len(new_ids):
+            raise ValueError(f"{len(sequences)} sequences but {len(new_ids)} id lists")
+        return [seq.forward(ids) for seq, ids in zip(sequences, new_ids)]
+
 
 class TargetSequence(ABC):
     """One sequence's KV cache over a shared `TargetModel`."""

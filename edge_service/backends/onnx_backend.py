@@ -160,7 +160,7 @@ class OnnxSequence(TargetSequence):
 
     def forward(self, new_ids: Sequence[int]) -> np.ndarray:
         if self._cache is None:
-            raise RuntimeError("sequence was released")
+            raise ValueError("this sequence was released")
         if not len(new_ids):
             raise ValueError("forward needs at least one token")
         if self._n + len(new_ids) > self._model.max_context:

@@ -73,6 +73,10 @@ class TorchTargetModel(TargetModel):
             eos = config.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         self.name = path.name
+        from transformers import DynamicCache
+
+        # layers of a fresh cache (0 when transformers builds them lazily: no batching then)
+        self._n_cache_layers = len(DynamicCache(config=self._model.config).layers)
 
     @property
     def model(self):  # noqa: ANN201 - the transformers model, for reference tests
@@ -88,6 +92,76 @@ class TorchTargetModel(TargetModel):
             out = self._model(input_ids=ids, cache=cache, use_cache=True)
         return out.logits[0].float().cpu().numpy()
 
+    def forward_batch(
+        self, sequences: Sequence[TargetSequence], new_ids: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """One batched forward for several sessions' sequences (see `TargetModel.forward_batch`).
+
+        Each session's KV cache is copied, left-padded to the longest, into one batch
+        cache; the new ids are right-padded to the longest. A 2-D attention mask hides the
+        padding and explicit position ids keep every token at its own sequence position
+        (cached keys carry their rotary positions already, so only relative order inside
+        the batch cache matters). After the forward, each session's new KV entries are
+        appended to its own cache. Logits equal the per-sequence forward to float
+        rounding (~1e-5). Caches that are not plain full-attention `DynamicLayer`s (e.g.
+        sliding-window layers) fall back to one forward per sequence.
+        """
+        seqs = list(sequences)
+        lists = [[int(t) for t in ids] for ids in new_ids]
+        if len(seqs) != len(lists):
+            raise ValueError(f"{len(seqs)} sequences but {len(lists)} id lists")
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise ValueError("forward_batch needs distinct sequences")
+        if len(seqs) <= 1 or not all(isinstance(s, TorchSequence) and s._batchable(self) for s in seqs):
+            return super().forward_batch(seqs, lists)
+        for seq, ids in zip(seqs, lists):
+            seq._check_forward(ids)
+        torch = self._torch
+        from transformers import DynamicCache
+
+        n_batch = len(seqs)
+        past = [s.n_cached for s in seqs]
+        n_new = [len(ids) for ids in lists]
+        p_max, n_max = max(past), max(n_new)
+        dev = self._device
+        input_ids = torch.zeros((n_batch, n_max), dtype=torch.long)
+        mask = torch.zeros((n_batch, p_max + n_max), dtype=torch.long)
+        positions = torch.zeros((n_batch, n_max), dtype=torch.long)
+        for i, (ids, p, n) in enumerate(zip(lists, past, n_new)):
+            input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
+            mask[i, p_max - p : p_max + n] = 1
+            # padding queries continue the positions: harmless, their rows are discarded
+            positions[i] = torch.arange(p, p + n_max)
+        batch = DynamicCache(config=self._model.config)
+        if p_max:
+            for layer_idx, layer in enumerate(batch.layers):
+                src = [s._cache.layers[layer_idx] for s in seqs]
+                ref = next(lay for lay, p in zip(src, past) if p)
+                _, n_heads, _, head_dim = ref.keys.shape
+                keys = ref.keys.new_zeros((n_batch, n_heads, p_max, head_dim))
+                values = ref.values.new_zeros((n_batch, ref.values.shape[1], p_max, ref.values.shape[3]))
+                for i, (lay, p) in enumerate(zip(src, past)):
+                    if p:
+                        keys[i, :, p_max - p :] = lay.keys[0]
+                        values[i, :, p_max - p :] = lay.values[0]
+                layer.update(keys, values)
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=input_ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=positions.to(dev),
+                cache=batch,
+                use_cache=True,
+            )
+            logits = out.logits.float().cpu().numpy()
+            for i, (seq, n) in enumerate(zip(seqs, n_new)):
+                for layer_idx, layer in enumerate(batch.layers):
+                    seq._cache.layers[layer_idx].update(
+                        layer.keys[i : i + 1, :, p_max : p_max + n], layer.values[i : i + 1, :, p_max : p_max + n]
+                    )
+                seq._n += n
+        return [logits[i, :n] for i, n in enumerate(n_new)]
+
 
 class TorchSequence(TargetSequence):
     def __init__(self, model: TorchTargetModel) -> None:
@@ -101,11 +175,27 @@ class TorchSequence(TargetSequence):
     def n_cached(self) -> int:
         return self._n
 
-    def forward(self, new_ids: Sequence[int]) -> np.ndarray:
+    def _check_forward(self, new_ids: Sequence[int]) -> None:
+        if self._cache is None:
+            raise ValueError("this sequence was released")
         if not len(new_ids):
             raise ValueError("forward needs at least one token")
         if self._n + len(new_ids) > self._model.max_context:
             raise ValueError(f"sequence would exceed the model context of {self._model.max_context}")
+
+    def _batchable(self, model: TorchTargetModel) -> bool:
+        """Whether `model.forward_batch` can stack this cache: same model, full-attention layers only."""
+        from transformers.cache_utils import DynamicLayer
+
+        return (
+            self._model is model
+            and self._cache is not None
+            and len(self._cache.layers) == model._n_cache_layers > 0
+            and all(type(layer) is DynamicLayer for layer in self._cache.layers)
+        )
+
+    def forward(self, new_ids: Sequence[int]) -> np.ndarray:
+        self._check_forward(new_ids)
         logits = self._model.forward(self._cache, new_ids)
         self._n += len(new_ids)
         return logits

@@ -1,0 +1,454 @@
+"""Edge capacity: N concurrent device sessions against one edge, batching on vs off.
+
+    python -m benchmarks.capacity [--sessions 1,2,4,8,16] [--tokens 64] [--runs 1] ...
+
+Setup (default pair: Q4_1 GGUF target in fp32 on the edge, Q4_0 draft):
+
+* two real edges, `python -m edge_service --threads 1` subprocesses on loopback, one with
+  cross-session batching (default window/max batch) and one with `--no-batching`; both
+  stay up for the whole run, and every N runs on both, back to back (order alternating),
+  so the ratio comes from measurements taken side by side;
+* the load comes from **replay clients**, not live drafters: on a 2-core machine N
+  llama.cpp devices would steal the edge's CPU. Before the runs, the real draft model
+  (llama.cpp, one thread) drafts gamma tokens greedily after every prefix of the target's
+  greedy continuation of each prompt (the continuation itself comes from the edge in
+  edge-only mode). Under greedy decoding the committed sequence is always a prefix of that
+  continuation (the output is exact), so at any committed length the recorded draft is
+  exactly what the real device would send. Each replay client speaks the real protocol over
+  a real WebSocket (Hello, Start, Draft/Verdict rounds, End/Done) with no drafting delay
+  (`--device-ms-per-token` emulates one); its output is checked against the continuation.
+
+Reported per N and mode: per-device tokens/s (each device's generated tokens over its
+request's wall time, Start to Done, prefill included; mean over devices), the edge's
+aggregate verified tokens/s (all sessions' committed tokens over the makespan), the mean
+batch size from the edge's /metrics, and the batching speedup. Medians over `--runs`.
+Writes capacity.json, capacity.csv and capacity.png (matplotlib, Agg) under `--out`.
+Absolute numbers on a shared 2-core machine are noisy; read the on/off ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from protocol import wire
+from protocol.sampling import SamplingParams
+
+log = logging.getLogger("benchmarks.capacity")
+
+GREEDY = SamplingParams(0.0)
+QUESTIONS = (
+    "Explain how a refrigerator works, step by step.",
+    "Write a short story about a robot who learns to paint.",
+    "What are the main causes of the French Revolution?",
+    "Describe the water cycle in detail.",
+    "Give me ten tips for learning a new language.",
+    "Why is the sky blue? Explain it to a child.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "How do vaccines train the immune system?",
+    "Compare cats and dogs as pets.",
+    "Describe a busy market in a large city.",
+    "What is photosynthesis and why does it matter?",
+    "Write a poem about the ocean at night.",
+    "How does a computer store numbers?",
+    "Explain the rules of chess briefly.",
+    "What should I pack for a week of camping?",
+    "Tell me about the history of the bicycle.",
+)
+
+
+# -- recording: the drafts the real draft model would send ---------------------------
+
+
+@dataclass
+class PromptTrace:
+    text: str
+    ids: list[int]
+    ref: list[int]  # the target's greedy continuation (from the edge, edge-only mode)
+    table: list[list[int]]  # table[g]: the draft model's greedy gamma tokens after ids + ref[:g]
+
+
+@dataclass
+class Trace:
+    target: str
+    draft: str
+    tokens: int
+    gamma: int
+    fingerprint: str
+    n_vocab: int
+    eos_ids: list[int]
+    prompts: list[PromptTrace]
+
+
+async def _reference(url: str, hello: wire.Hello, ids: list[int], tokens: int) -> tuple[list[int], list[int]]:
+    from device_runtime.transport import EdgeLink
+
+    link = await EdgeLink.connect(url, hello)
+    try:
+        await link.send(wire.Start(mode="edge-only", sampling=GREEDY, seed=0, max_new_tokens=tokens,
+                                   prompt_ids=np.asarray(ids, np.int32)))
+        out: list[int] = []
+        while True:
+            msg = await link.recv(wire.Tokens, timeout=600)
+            out.extend(int(t) for t in msg.ids)
+            if msg.done:
+                break
+        await link.send(wire.End(len(ids) + len(out)))
+        await link.recv(wire.Done, timeout=60)
+        return out, list(link.welcome.eos_token_ids)
+    finally:
+        await link.close()
+
+
+def record_trace(url: str, target: Path, draft: Path, n_prompts: int, tokens: int, gamma: int) -> Trace:
+    """Greedy continuations from the edge, then the real draft model's draft at every prefix."""
+    from device_runtime.drafter import LlamaDrafter
+    from protocol.vocab import vocab_fingerprint
+
+    drafter = LlamaDrafter(draft, n_ctx=2048, n_threads=1)
+    try:
+        fp = vocab_fingerprint(drafter.vocab_tokens())
+        hello = wire.Hello(wire.VERSION, fp, drafter.n_vocab, "capacity-recorder")
+        prompts = []
+        eos_ids: list[int] = []
+        rng = np.random.default_rng(0)
+        for q in QUESTIONS[:n_prompts]:
+            text = drafter.chat_prompt([{"role": "user", "content": q}])
+            ids = drafter.tokenize(text, add_bos=False)
+            t0 = time.perf_counter()
+            ref, eos_ids = asyncio.run(_reference(url, hello, ids, tokens))
+            t1 = time.perf_counter()
+            table = [drafter.draft(ids + ref[:g], gamma, GREEDY, rng).ids.tolist() for g in range(len(ref))]
+            log.info("recorded %r: %d tokens (edge %.1f s), %d drafts (device %.1f s)",
+                     q[:40], len(ref), t1 - t0, len(table), time.perf_counter() - t1)
+            prompts.append(PromptTrace(text, ids, ref, table))
+        return Trace(target.name, draft.name, tokens, gamma, fp, drafter.n_vocab, eos_ids, prompts)
+    finally:
+        drafter.close()
+
+
+def load_or_record(path: Path | None, url: str, args: argparse.Namespace) -> Trace:
+    if path is not None and path.is_file():
+        d = json.loads(path.read_text())
+        trace = Trace(**{**d, "prompts": [PromptTrace(**p) for p in d["prompts"]]})
+        if (trace.target, trace.draft, trace.tokens, trace.gamma) == (
+            args.target.name, args.draft.name, args.tokens, args.gamma
+        ) and len(trace.prompts) >= args.prompts:
+            trace.prompts = trace.prompts[: args.prompts]
+            log.info("using recorded drafts from %s", path)
+            return trace
+        log.info("%s was recorded with other settings: recording again", path)
+    trace = record_trace(url, args.target, args.draft, args.prompts, args.tokens, args.gamma)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(trace)))
+    return trace
+
+
+# -- replay clients -------------------------------------------------------------------
+
+
+@dataclass
+class DeviceRun:
+    tokens: int
+    rounds: int
+    drafted: int
+    accepted: int
+    wall_s: float
+    t_start: float
+    t_end: float
+    exact: bool
+
+
+async def replay(url: str, trace: Trace, p: PromptTrace, device_s_per_token: float) -> DeviceRun:
+    """One device session: the recorded drafts over the real protocol, greedy."""
+    from device_runtime.transport import EdgeLink
+
+    hello = wire.Hello(wire.VERSION, trace.fingerprint, trace.n_vocab, "capacity-replay")
+    link = await EdgeLink.connect(url, hello)
+    eos = set(trace.eos_ids)
+    try:
+        t0 = time.perf_counter()
+        await link.send(wire.Start(mode="dssd", sampling=GREEDY, seed=0, max_new_tokens=trace.tokens,
+                                   prompt_ids=np.asarray(p.ids, np.int32)))
+        gen: list[int] = []
+        rounds = drafted = accepted = 0
+        done = False
+        while not done:
+            g = len(gen)
+            gamma = min(trace.gamma, trace.tokens - g - 1)
+            draft = (p.table[g] if g < len(p.table) else [0] * trace.gamma)[:gamma]
+            if device_s_per_token and gamma:
+                await asyncio.sleep(device_s_per_token * gamma)
+            rounds += 1
+            drafted += gamma
+            await link.send(wire.Draft(len(p.ids) + g, np.zeros(0, np.int32), np.asarray(draft, np.int32)),
+                            round=rounds)
+            verdict = await link.recv(wire.VerdictMsg, timeout=600)
+            j = verdict.n_accepted
+            accepted += j
+            for tok in draft[:j] + [verdict.token]:
+                gen.append(int(tok))
+                if tok in eos or len(gen) >= trace.tokens:
+                    done = True
+                    break
+        await link.send(wire.End(len(p.ids) + len(gen)))
+        await link.recv(wire.Done, timeout=60)
+        t1 = time.perf_counter()
+        return DeviceRun(len(gen), rounds, drafted, accepted, t1 - t0, t0, t1, gen == p.ref[: len(gen)])
+    finally:
+        await link.close()
+
+
+async def _run_n(url: str, trace: Trace, n: int, device_s_per_token: float) -> list[DeviceRun]:
+    prompts = [trace.prompts[i % len(trace.prompts)] for i in range(n)]
+    return list(await asyncio.gather(*(replay(url, trace, p, device_s_per_token) for p in prompts)))
+
+
+# -- edges ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EdgeProcess:
+    """`python -m edge_service` in a subprocess, with /metrics on a free port."""
+
+    def __init__(self, target: Path, extra: Sequence[str], threads: int, log_path: Path) -> None:
+        self.metrics_port = _free_port()
+        cmd = [sys.executable, "-m", "edge_service", "--model", str(target), "--port", "0",
+               "--threads", str(threads), "--max-sessions", "128", "--metrics-port", str(self.metrics_port),
+               "--idle-timeout", "3600", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        self.url = ""
+        self.cmd = cmd
+
+    def wait_ready(self, timeout: float = 300.0) -> str:
+        box: list[str] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if "ready on" in line:
+                    box.append(line)
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not box:
+            raise RuntimeError(f"edge did not start: {' '.join(self.cmd)} (see {self._log.name})")
+        m = re.search(r"ready on (wss?://\S+)", box[0])
+        assert m is not None
+        self.url = m.group(1)
+        return self.url
+
+    def scrape(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).read().decode()
+        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if not s.labels}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def measure(edge: EdgeProcess, trace: Trace, n: int, device_s_per_token: float) -> dict[str, Any]:
+    before = edge.scrape()
+    runs = asyncio.run(_run_n(edge.url, trace, n, device_s_per_token))
+    after = edge.scrape()
+    makespan = max(r.t_end for r in runs) - min(r.t_start for r in runs)
+    tokens = sum(r.tokens for r in runs)
+    batches = after["dssd_verify_batch_size_count"] - before["dssd_verify_batch_size_count"]
+    rounds = after["dssd_verify_batch_size_sum"] - before["dssd_verify_batch_size_sum"]
+    per_device = [r.tokens / r.wall_s for r in runs]
+    return {
+        "tokens": tokens,
+        "makespan_s": makespan,
+        "aggregate_tps": tokens / makespan,
+        "per_device_tps": statistics.fmean(per_device),
+        "per_device_tps_min": min(per_device),
+        "rounds": sum(r.rounds for r in runs),
+        "acceptance": sum(r.accepted for r in runs) / max(1, sum(r.drafted for r in runs)),
+        "mean_batch": rounds / batches if batches else 0.0,
+        # share of the makespan the edge spent in verification forwards (the rest: prefills,
+        # verification math, I/O, idle)
+        "forward_share": (after["dssd_batch_forward_seconds_sum"] - before["dssd_batch_forward_seconds_sum"])
+        / makespan,
+        "verify_latency_ms": 1000 * (after["dssd_verify_latency_seconds_sum"] - before["dssd_verify_latency_seconds_sum"])
+        / max(1.0, rounds),
+        "not_exact": sum(not r.exact for r in runs),
+    }
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, style in (("on", "o-"), ("off", "s--")):
+        rows = [r for r in summary if r["batching"] == mode]
+        ns = [r["sessions"] for r in rows]
+        ax1.plot(ns, [r["aggregate_tps"] for r in rows], style, label=f"batching {mode}")
+        ax2.plot(ns, [r["per_device_tps"] for r in rows], style, label=f"batching {mode}")
+    for r in summary:
+        if r["batching"] == "on" and r.get("speedup"):
+            ax1.annotate(f"{r['speedup']:.1f}x", (r["sessions"], r["aggregate_tps"]),
+                         textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    for ax, ylabel in ((ax1, "edge aggregate verified tokens/s"), (ax2, "per-device tokens/s (mean)")):
+        ax.set_xscale("log", base=2)
+        ns = sorted({r["sessions"] for r in summary})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("concurrent device sessions")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantize.defaults import default_models
+
+    d = default_models()
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.capacity",
+        description="Edge capacity with N concurrent device sessions, cross-session batching on vs off.",
+    )
+    p.add_argument("--target", type=Path, default=d.target_gguf, help="edge target (GGUF or HF dir)")
+    p.add_argument("--draft", type=Path, default=d.draft_q4_0_gguf, help="draft GGUF used to record the drafts")
+    p.add_argument("--sessions", default="1,2,4,8,16", help="comma-separated N values")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per device request")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=8, help="distinct prompts (sessions reuse them in turn)")
+    p.add_argument("--runs", type=int, default=1, help="repetitions per (N, mode); medians are reported")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each edge process")
+    p.add_argument("--batch-window-ms", type=float, default=3.0)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--device-ms-per-token", type=float, default=0.0,
+                   help="emulated drafting time per draft token on each device (0: none)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="recorded drafts (JSON); reused when it matches, else recorded and saved here "
+                        "(default: OUT/trace.json)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/capacity"))
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    for path in (args.target, args.draft):
+        if not path.exists():
+            print(f"error: {path} not found (python -m quantize prepare-default)", file=sys.stderr)
+            return 2
+    sessions = [int(x) for x in args.sessions.split(",") if x]
+    args.out.mkdir(parents=True, exist_ok=True)
+    batch_flags = ["--batch-window-ms", str(args.batch_window_ms), "--max-batch", str(args.max_batch)]
+    with ExitStack() as stack:
+        edges = {}
+        for mode, extra in (("on", batch_flags), ("off", ["--no-batching"])):
+            edge = EdgeProcess(args.target, extra, args.threads, args.out / f"edge-{mode}.log")
+            stack.callback(edge.close)
+            edges[mode] = edge
+        for edge in edges.values():
+            edge.wait_ready()
+        log.info("edges up: batching on %s, off %s", edges["on"].url, edges["off"].url)
+        trace = load_or_record(args.trace or args.out / "trace.json", edges["off"].url, args)
+        for edge in edges.values():  # warm-up: first forwards allocate
+            measure(edge, trace, 2, 0.0)
+        raw = []
+        for rep in range(args.runs):
+            for i, n in enumerate(sessions):
+                order = ("on", "off") if (rep + i) % 2 == 0 else ("off", "on")
+                for mode in order:
+                    res = measure(edges[mode], trace, n, args.device_ms_per_token / 1000.0)
+                    res.update(sessions=n, batching=mode, run=rep)
+                    raw.append(res)
+                    log.info("N=%2d batching %-3s: aggregate %6.1f tok/s, per device %5.1f tok/s, "
+                             "mean batch %.2f, acceptance %.2f, forward share %.2f, verify latency %.0f ms, "
+                             "not exact %d", n, mode, res["aggregate_tps"], res["per_device_tps"],
+                             res["mean_batch"], res["acceptance"], res["forward_share"],
+                             res["verify_latency_ms"], res["not_exact"])
+    summary = []
+    for n in sessions:
+        for mode in ("on", "off"):
+            rows = [r for r in raw if r["sessions"] == n and r["batching"] == mode]
+            summary.append({
+                "sessions": n, "batching": mode,
+                **{k: statistics.median(r[k] for r in rows)
+                   for k in ("aggregate_tps", "per_device_tps", "per_device_tps_min", "mean_batch", "acceptance",
+                             "forward_share", "verify_latency_ms")},
+                "not_exact": sum(r["not_exact"] for r in rows),
+            })
+    for row in summary:
+        if row["batching"] == "on":
+            off = next(r for r in summary if r["sessions"] == row["sessions"] and r["batching"] == "off")
+            row["speedup"] = row["aggregate_tps"] / off["aggregate_tps"]
+    meta = {
+        "target": str(args.target), "draft": str(args.draft), "tokens": args.tokens, "gamma": args.gamma,
+        "prompts": args.prompts, "runs": args.runs, "threads": args.threads,
+        "batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch,
+        "device_ms_per_token": args.device_ms_per_token,
+        "load": "replay clients: drafts recorded from the real draft model, sent over the real protocol",
+        "cpu_count": os.cpu_count(),
+    }
+    (args.out / "capacity.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": raw}, indent=1))
+    with open(args.out / "capacity.csv", "w", newline="") as f:
+        fields = list(dict.fromkeys(k for row in summary for k in row))
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(summary)
+    title = (f"{args.target.name} edge ({args.threads} thread), replayed {args.draft.name} drafts, "
+             f"gamma {args.gamma}, {args.tokens} tokens, greedy")
+    plot(summary, args.out / "capacity.png", title)
+    print(f"{'N':>3} {'batching':>8} {'aggregate tok/s':>16} {'per-device tok/s':>17} {'mean batch':>10} {'speedup':>8}")
+    for r in summary:
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        print(f"{r['sessions']:>3} {r['batching']:>8} {r['aggregate_tps']:>16.1f} {r['per_device_tps']:>17.2f} "
+              f"{r['mean_batch']:>10.2f} {sp:>8}")
+    if any(r["not_exact"] for r in summary):
+        print("WARNING: some replayed outputs differ from the target's greedy continuation", file=sys.stderr)
+    print(f"wrote {args.out / 'capacity.json'}, capacity.csv, capacity.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
