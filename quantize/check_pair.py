@@ -35,6 +35,7 @@ from protocol.sampling import SamplingParams, probabilities, rng_for
 from protocol.vocab import vocab_fingerprint
 
 from .errors import ToolError
+from .requantize import RequantizeError, scan_gguf
 
 if TYPE_CHECKING:
     from device_runtime.drafter import LlamaDrafter
@@ -141,7 +142,7 @@ def check_pair(
     if not device_path.is_file():
         raise ToolError(f"device GGUF not found: {device_path}")
     try:
-        drafter = LlamaDrafter(device_path, n_ctx=1024, n_threads=threads, max_gamma=1)
+        drafter = LlamaDrafter(device_path, n_ctx=_draft_context(device_path), n_threads=threads, max_gamma=1)
     except (ValueError, OSError) as exc:  # llama-cpp-python reports a bad model as ValueError
         raise ToolError(f"llama.cpp cannot load {device_path}: {exc}") from exc
     try:
@@ -157,6 +158,16 @@ def check_pair(
         drafter.close()
     return PairReport(str(device_path), str(edge_model), fingerprint, drafter.n_vocab, edge.n_vocab, sampling,
                       results, time.perf_counter() - start)
+
+
+def _draft_context(path: Path, cap: int = 1024) -> int:
+    """Enough context for a chat prompt plus the measured tokens, within what the model was trained on."""
+    try:
+        meta = scan_gguf(path).metadata
+    except RequantizeError as exc:
+        raise ToolError(str(exc)) from exc
+    trained = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return min(cap, int(trained)) if isinstance(trained, int) and trained > 0 else cap
 
 
 def _check_vocab(device_tokens: list[bytes], device_n_vocab: int, edge: TargetModel) -> str:

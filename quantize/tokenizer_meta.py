@@ -32,6 +32,10 @@ from .errors import ToolError
 
 logger = logging.getLogger(__name__)
 
+
+class TokenizerError(ToolError):
+    """The tokenizer cannot be represented in GGUF metadata (or not safely)."""
+
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -160,14 +164,14 @@ def read_hf_vocab(
         elif spm_model.is_file():
             vocab = _read_sentencepiece(spm_model, data, config, vocab_size)
         else:
-            raise ToolError(
+            raise TokenizerError(
                 f"{tokenizer_json}: tokenizer model {model_type!r} is not supported "
                 "(byte-level BPE via tokenizer.json, or SentencePiece via tokenizer.model)"
             )
     elif spm_model.is_file():
         vocab = _read_sentencepiece(spm_model, None, config, vocab_size)
     else:
-        raise ToolError(f"{hf_dir} has no tokenizer.json or tokenizer.model; the GGUF needs the tokenizer")
+        raise TokenizerError(f"{hf_dir} has no tokenizer.json or tokenizer.model; the GGUF needs the tokenizer")
 
     ids = {**_special_ids_from_config(config, vocab.tokens), **{k: v for k, v in special_ids.items() if v is not None}}
     template = _chat_template(hf_dir, config)
@@ -182,10 +186,10 @@ def _read_byte_level_bpe(
 ) -> GGUFVocab:
     """GPT-2 style BPE: token strings are already byte-mapped in tokenizer.json."""
     if data.get("normalizer") is not None:
-        raise ToolError("byte-level BPE tokenizers with a normalizer are not supported by llama.cpp's gpt2 vocab")
+        raise TokenizerError("byte-level BPE tokenizers with a normalizer are not supported by llama.cpp's gpt2 vocab")
     pre = pre_override or detect_pre_tokenizer(data.get("pre_tokenizer"))
     if pre is None:
-        raise ToolError(
+        raise TokenizerError(
             "unknown pre-tokenizer in tokenizer.json "
             f"({json.dumps(data.get('pre_tokenizer'))[:200]}); pass --tokenizer-pre with one of "
             f"{', '.join(PRE_TOKENIZERS)} (or another llama.cpp name) if you know which one it is"
@@ -255,7 +259,7 @@ def _dense_tokens(by_id: dict[int, str], vocab_size: int) -> tuple[list[str], li
     """Token strings for ids 0..n-1, padding holes and the tail up to the model's row count."""
     n = max(vocab_size, max(by_id, default=-1) + 1)
     if n > vocab_size:
-        raise ToolError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
+        raise TokenizerError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
     tokens: list[str] = []
     types: list[int] = []
     for i in range(n):
@@ -266,7 +270,7 @@ def _dense_tokens(by_id: dict[int, str], vocab_size: int) -> tuple[list[str], li
             tokens.append(f"[PAD{i}]")
             types.append(int(gguf.TokenType.UNUSED))
     if len(set(tokens)) != len(tokens):
-        raise ToolError("the tokenizer has duplicate token strings; llama.cpp cannot represent it")
+        raise TokenizerError("the tokenizer has duplicate token strings; llama.cpp cannot represent it")
     return tokens, types
 
 
@@ -312,4 +316,4 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ToolError(f"cannot read {path}: {exc}") from exc
+        raise TokenizerError(f"cannot read {path}: {exc}") from exc

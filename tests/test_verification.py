@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from protocol import verification
-from protocol.sampling import SamplingParams, probabilities, sample, sample_rows
+from protocol.sampling import SamplingParams, probabilities, sample_rows
 from protocol.verification import (
     VerdictKind,
     device_resample,
