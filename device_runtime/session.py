@@ -482,10 +482,13 @@ class DeviceClient:
                     v = box[0]
                     return v is not _STOP and v.kind is VerdictKind.BONUS and int(ids[0]) == v.token
 
+                # its own generator, seeded from the main stream: how far the pipeline gets
+                # depends on timing, and must not shift the main stream (same seed, same output)
+                pipe_rng = np.random.default_rng(int(rng.integers(2**63)))
                 background = loop.run_in_executor(
                     None,
                     lambda base=committed + d.ids.tolist(), n=n_ahead, s=1 - slot: self.drafter.draft(
-                        base, n, config.sampling, rng, slot=s, keep_going=keep_going
+                        base, n, config.sampling, pipe_rng, slot=s, keep_going=keep_going
                     ),
                 )
             try:
