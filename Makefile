@@ -33,5 +33,10 @@ test-fast: setup
 demo: setup
 	bash scripts/demo.sh "$(BIN)/python"
 
+# Full side-by-side comparison on the default pair into bench-results/ (git-ignored); hours on 2 cores.
+bench: setup
+	$(BIN)/python -m benchmarks compare --out bench-results/compare --profiles 1mbps-50ms,10mbps-20ms,100mbps-5ms,loopback \
+		--gammas 2,4,6,8 --samplings t1,t1-k10,greedy --prompts 4 --runs 1 --tokens 128 --mode-tokens dsd=32
+
 clean:
 	rm -rf $(VENV) models .pytest_cache

@@ -17,9 +17,10 @@ The model (the paper's eqs. 7 and 13 plus the small terms it drops):
 `t_draft` is one draft step on the device (one llama.cpp token + sampling), `t_verify`
 the edge's verification of one round (a forward over about g + 1 tokens plus the
 transform and the test); both are measured inputs, not modelled here. Acceptance may be
-one rate `a` (i.i.d. assumption, as in the paper) or the measured conditional
-acceptance per position `alphas` (alphas[i] = P(accept x_{i+1} | x_1..x_i accepted)),
-which is what the device's `RoundStats.acceptance_per_position()` reports.
+one rate `a` (i.i.d. assumption, as in the paper) or the conditional acceptance per
+position `alphas` (alphas[i] = P(accept x_{i+1} | x_1..x_i accepted)). The device's
+`RoundStats.acceptance_per_position()` reports the unconditional P(x_1..x_{i+1} all
+accepted); `conditional_acceptance()` converts.
 
 Byte counts are what a link charges: protocol frames (16-byte header + payload) inside
 WebSocket frames (2-14 bytes of framing; device->edge frames carry a 4-byte mask).
@@ -108,6 +109,21 @@ def expected_tokens_per_round_positions(alphas: Sequence[float]) -> float:
         reach *= alpha
         total += reach
     return total
+
+
+def conditional_acceptance(cumulative: Sequence[float]) -> list[float]:
+    """Unconditional per-position rates P(x_1..x_{i+1} accepted) -> conditional alphas.
+
+    alphas[0] = c[0], alphas[i] = c[i] / c[i-1] (0 once a position is never reached).
+    `expected_tokens_per_round_positions(conditional_acceptance(c))` = 1 + sum(c).
+    """
+    alphas: list[float] = []
+    prev = 1.0
+    for c in cumulative:
+        _check_rate(c)
+        alphas.append(min(1.0, c / prev) if prev > 0 else 0.0)
+        prev = c
+    return alphas
 
 
 def prob_all_accepted(a: float, gamma: int) -> float:

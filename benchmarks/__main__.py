@@ -1,0 +1,192 @@
+"""`python -m benchmarks {compare,paper,quick}`: every mode side by side over emulated links.
+
+compare  the link profiles x modes x gammas x sampling sweep (modest defaults; flags scale up)
+paper    the paper's grid (gamma x RTT x bandwidth, T 1, top-k 10) as a Table-2-shaped table
+report   recompute summaries and plots from an earlier (or interrupted) run's directory
+quick    the harness end to end on tiny random models in seconds (CI smoke test)
+
+Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
+and min-max), ratios.csv (paired tokens/s ratios), results.json, and PNG plots.
+One thread per runtime: the edge runs as `python -m edge_service --threads 1`.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.compare import (  # noqa: E402
+    ALL_MODES,
+    PROFILES,
+    SAMPLINGS,
+    CompareConfig,
+    parse_profile,
+    parse_sampling,
+    run_compare,
+)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in _csv(s))
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in _csv(s))
+
+
+def _mode_tokens(s: str) -> dict[str, int]:
+    out = {}
+    for item in _csv(s):
+        mode, _, n = item.partition("=")
+        if mode not in ALL_MODES or not n.isdigit():
+            raise argparse.ArgumentTypeError(f"expected MODE=N with MODE in {ALL_MODES}, got {item!r}")
+        out[mode] = int(n)
+    return out
+
+
+def _common(p: argparse.ArgumentParser, *, out: str, prompts: int, runs: int, tokens: int, gammas: str,
+            edge: str = "process", mode_tokens: str = "") -> None:
+    g = p.add_argument_group("models and processes")
+    g.add_argument("--target", type=Path, default=None, help="target model for the edge (default: the default pair)")
+    g.add_argument("--draft", type=Path, default=None, help="draft GGUF for the device (default: the Q4_0 draft)")
+    g.add_argument("--tiny", action="store_true", help="use tiny random models built on the fly (fast, smoke test)")
+    g.add_argument("--edge", choices=("process", "thread"), default=edge,
+                   help="edge as a subprocess (python -m edge_service) or a thread in this process")
+    g.add_argument("--n-ctx", type=int, default=2048, help="draft context size")
+    g.add_argument("--no-pipeline", action="store_true",
+                   help="the device waits idle for each verdict (the cost model's assumption); "
+                        "default: the runtime's pipelined drafting")
+    r = p.add_argument_group("workload")
+    r.add_argument("--prompts", type=int, default=prompts, help="number of built-in chat prompts")
+    r.add_argument("--runs", type=int, default=runs, help="seeds per prompt (each prompt x seed is one trial)")
+    r.add_argument("--tokens", type=int, default=tokens, help="max new tokens per generation")
+    r.add_argument("--mode-tokens", type=_mode_tokens, default=_mode_tokens(mode_tokens),
+                   help="per-mode max new tokens, e.g. dsd=32 (dsd on a slow link takes seconds per round)")
+    r.add_argument("--gammas", type=_ints, default=_ints(gammas), help="comma list of draft lengths")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path(out), help="results directory")
+    o.add_argument("--title", default="", help="title of summary.md")
+    o.add_argument("--no-plots", action="store_true")
+    o.add_argument("--no-warmup", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    o.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="modes x links x gammas x sampling, with the cost model",
+                       description="Every mode side by side over emulated links; CSV/JSON/PNG to --out.")
+    _common(c, out="bench-results/compare", prompts=2, runs=1, tokens=64, gammas="4", mode_tokens="dsd=32")
+    c.add_argument("--profiles", type=_csv, default=["1mbps-50ms", "10mbps-20ms", "100mbps-5ms", "loopback"],
+                   help=f"comma list: {', '.join(PROFILES)} or MBPS/RTT_MS or UP:DOWN/RTT_MS (e.g. 10/20, 1:10/50)")
+    c.add_argument("--jitter-ms", type=float, default=0.0, help="jitter added to every emulated profile")
+    c.add_argument("--modes", type=_csv, default=list(ALL_MODES), help=f"comma list of {', '.join(ALL_MODES)}")
+    c.add_argument("--samplings", type=_csv, default=["t1"],
+                   help=f"comma list: {', '.join(SAMPLINGS)} or t<T>[-k<K>][-p<P>]")
+
+    pp = sub.add_parser("paper", help="the paper's grid as a Table-2-shaped table (speedup vs edge-only)",
+                        description="gamma x RTT x bandwidth for dssd, dssd-paper, dsd vs KV-cached edge-only, "
+                                    "T 1.0, top-k 10.")
+    _common(pp, out="bench-results/paper", prompts=1, runs=1, tokens=128, gammas="2,4,6,8")
+    pp.add_argument("--rtts", type=_floats, default=(0.0, 20.0, 50.0), help="RTTs in ms")
+    pp.add_argument("--bandwidths", type=_floats, default=(10.0, 50.0, 100.0), help="rates in Mbps (both ways)")
+
+    rp = sub.add_parser("report", help="recompute summaries and plots from a results directory",
+                        description="Rebuild summary/ratios/plots from DIR/results.json, or from an "
+                                    "interrupted run's DIR/config.json + runs.partial.jsonl.")
+    rp.add_argument("src", type=Path, help="results directory of an earlier compare/paper run")
+    rp.add_argument("--out", type=Path, default=None, help="write here instead of SRC")
+    rp.add_argument("--no-plots", action="store_true")
+
+    q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
+                       description="Smoke test: tiny random models, an in-process edge, two links.")
+    _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
+    q.add_argument("--profiles", type=_csv, default=["loopback", "10/20"])
+    q.add_argument("--samplings", type=_csv, default=["greedy", "t1"])
+    return p
+
+
+def _models(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    if args.tiny or args.command == "quick":
+        if args.target or args.draft:
+            return Path(args.target), Path(args.draft)
+        from tests.fixtures.tiny_models import build_tiny_pair
+
+        pair = build_tiny_pair(out / "tiny_models")
+        return pair.target_gguf, pair.draft_gguf
+    from quantize.defaults import default_models
+
+    d = default_models()
+    target = args.target or d.target_gguf
+    draft = args.draft or d.draft_q4_0_gguf
+    for path in (target, draft):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found: run `python -m quantize prepare-default` (or make models)")
+    return Path(target), Path(draft)
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    target, draft = _models(args, args.out)
+    cfg = CompareConfig(
+        target=target, draft=draft, out=args.out, gammas=args.gammas, prompts=args.prompts, runs=args.runs,
+        tokens=args.tokens, mode_tokens=args.mode_tokens, edge=args.edge, pipeline=not args.no_pipeline, warmup=not args.no_warmup,
+        n_ctx=args.n_ctx, plots=not args.no_plots, progress=not args.no_progress, title=args.title,
+    )
+    if args.command == "paper":
+        from benchmarks.paper import paper_profiles
+
+        cfg.profiles = paper_profiles(args.rtts, args.bandwidths)
+    else:
+        cfg.profiles = [parse_profile(s, jitter_ms=getattr(args, "jitter_ms", 0.0)) for s in args.profiles]
+        cfg.samplings = [parse_sampling(s) for s in args.samplings]
+        if args.command == "compare":
+            cfg.modes = tuple(args.modes)
+    cfg.__post_init__()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "report":
+        from benchmarks.compare import rebuild_report
+
+        out = args.out or args.src
+        rebuild_report(args.src, args.out, plots=not args.no_plots)
+        print((out / "summary.md").read_text())
+        return 0
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.command}: {cfg.n_generations()} generations -> {cfg.out}", file=sys.stderr)
+    if args.command == "paper":
+        from benchmarks.paper import run_paper
+
+        result = run_paper(cfg)
+    else:
+        result = run_compare(cfg)
+    print((cfg.out / "summary.md").read_text())
+    print(f"done in {result['elapsed_s']:.0f} s; results in {cfg.out}/ "
+          f"(runs.csv, summary.csv, ratios.csv, results.json, summary.md"
+          + (", *.png" if cfg.plots else "") + ")", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

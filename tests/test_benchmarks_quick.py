@@ -1,0 +1,93 @@
+"""The benchmark harness end to end on the tiny pair: every mode, an emulated link, outputs written.
+
+Checks structure and byte counts only (deterministic); never timing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import build_parser, main
+from benchmarks.compare import ALL_MODES, CompareConfig, parse_profile, parse_sampling, run_compare
+from benchmarks.paper import extend_with_paper_table, format_paper_table, paper_config
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_profile_end_to_end(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "quick"
+    cfg = CompareConfig(
+        target=tiny_pair.target_gguf, draft=tiny_pair.draft_gguf, out=out,
+        profiles=[parse_profile("loopback"), parse_profile("50/10")],
+        samplings=[parse_sampling("greedy"), parse_sampling("t1")],
+        gammas=(2,), prompts=1, runs=1, tokens=12, edge="thread", n_ctx=512, progress=False,
+    )
+    result = run_compare(cfg)
+    for name in ("runs.csv", "summary.csv", "ratios.csv", "results.json", "summary.md",
+                 "tokens_per_s.png", "bytes_per_token.png", "round_time.png"):
+        assert (out / name).stat().st_size > 0, name
+    runs = _rows(out / "runs.csv")
+    assert len(runs) == cfg.n_generations() == 2 * 2 * len(ALL_MODES)
+    assert {r["mode"] for r in runs} == set(ALL_MODES)
+    assert {r["profile"] for r in runs} == {"loopback", "50mbps-10ms"}
+    for r in runs:
+        assert int(r["tokens"]) >= 1
+        assert float(r["tokens_per_s"]) > 0
+    by = {(r["profile"], r["sampling"], r["mode"]): r for r in runs}
+    for prof in ("loopback", "50mbps-10ms"):
+        # DSD ships full Q rows up; DSSD only ids (+ q scalars): the byte counts say so
+        assert float(by[(prof, "t1", "dsd")]["up_bytes_per_token"]) > 3 * float(by[(prof, "t1", "dssd")]["up_bytes_per_token"])
+        assert int(by[(prof, "greedy", "device-only")]["bytes_up"]) == 0
+        for mode in ("dssd", "dssd-paper", "dsd"):
+            r = by[(prof, "t1", mode)]
+            assert float(r["predicted_round_s"]) > 0 and float(r["measured_round_s"]) > 0
+            assert float(r["up_bytes_per_round"]) > 0 and float(r["down_bytes_per_round"]) > 0
+    # the link's RTT is part of every predicted round through the proxy
+    assert float(by[("50mbps-10ms", "greedy", "dssd")]["predicted_round_s"]) >= 0.010
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["summary"] and summary["ratios"] and summary["components"]
+    assert any(q["ratio"] == "dssd / edge-only" for q in result["ratios"])
+    assert "| profile |" in (out / "summary.md").read_text()
+
+
+def test_paper_table_on_tiny_grid(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    from benchmarks.paper import paper_profiles
+
+    cfg = paper_config(CompareConfig(
+        target=tiny_pair.target_gguf, draft=tiny_pair.draft_gguf, out=tmp_path / "paper",
+        profiles=paper_profiles((0.0,), (100.0,)), gammas=(2,), prompts=1, runs=1, tokens=10,
+        edge="thread", n_ctx=512, progress=False, plots=True, warmup=False,
+    ))
+    result = run_compare(cfg, extend=extend_with_paper_table)
+    table = result["paper_table"]
+    assert {r["mode"] for r in table} == {"dssd", "dssd-paper", "dsd"}
+    assert all(r["speedup"] > 0 and not math.isnan(r["model_speedup"]) for r in table)
+    text = format_paper_table(table)
+    assert "γ=2" in text and "| 0 | 100 |" in text
+    assert (tmp_path / "paper" / "paper_speedup.png").stat().st_size > 0
+
+
+def test_cli_help_and_argument_parsing(capsys) -> None:  # noqa: ANN001
+    for cmd in ("compare", "paper", "quick"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert "--out" in capsys.readouterr().out
+    args = build_parser().parse_args(["compare", "--profiles", "1mbps-50ms,1:10/50", "--gammas", "2,4",
+                                      "--mode-tokens", "dsd=16", "--samplings", "t0.7-k40-p0.95"])
+    assert args.gammas == (2, 4) and args.mode_tokens == {"dsd": 16}
+    p = parse_profile(args.profiles[1])
+    assert (p.up_mbps, p.down_mbps, round(p.rtt_s, 3)) == (1.0, 10.0, 0.05)
+    name, sp = parse_sampling(args.samplings[0])
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.7, 40, 0.95)
+    with pytest.raises(ValueError):
+        parse_profile("fast")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--mode-tokens", "warp=3"])
