@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime.drafter import LlamaDrafter
@@ -31,6 +30,7 @@ from protocol import wire
 from protocol.sampling import SamplingParams
 from protocol.verification import VerdictKind
 from protocol.wire import ErrorCode
+from tests.test_end_to_end import reference_greedy
 
 GREEDY = SamplingParams(0.0)
 PROMPTS = (
@@ -43,20 +43,6 @@ PROMPTS = (
     "a",
     "The quick brown fox jumps over the lazy dog and",
 )
-
-
-def reference_greedy(target, prompt_ids: list[int], n: int) -> list[int]:  # noqa: ANN001
-    """transformers' own greedy decoding on the target: the independent reference."""
-    model = target.model
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=model.generation_config.eos_token_id,
-        )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 # -- backend ----------------------------------------------------------------------------
