@@ -181,3 +181,32 @@ def test_hf_directory_source(exported: tuple[Path, str], tmp_path: Path, torch_t
     assert again.vocab_tokens == torch_target.vocab_tokens
     np.testing.assert_allclose(again.new_sequence().forward(PROMPT), torch_target.new_sequence().forward(PROMPT),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dssd", "dssd-paper", "dsd", "edge-only"])
+def test_end_to_end_greedy_with_the_onnx_edge(mode: str, onnx_fp32: OnnxTargetModel, torch_target: TorchTargetModel,
+                                              tiny_pair: TinyPair) -> None:
+    """The real device against an edge serving the ONNX backend: the target's greedy output."""
+    import asyncio
+
+    from device_runtime.drafter import LlamaDrafter
+    from device_runtime.session import DeviceClient, GenerationConfig
+    from edge_service.server import EdgeServerThread, ServerConfig
+    from protocol.sampling import SamplingParams
+    from tests.test_end_to_end import reference_greedy
+
+    drafter = LlamaDrafter(tiny_pair.draft_gguf, n_ctx=512, n_threads=1, f32_kv_cache=True)
+    ids = drafter.tokenize("The cat sat on the", add_bos=False)
+    with EdgeServerThread(onnx_fp32, ServerConfig(port=0)) as edge:
+        client = DeviceClient(drafter, edge.url)
+
+        async def go():  # noqa: ANN202
+            try:
+                return await client.generate(ids, GenerationConfig(mode=mode, max_new_tokens=64,
+                                                                   sampling=SamplingParams(0.0), gamma=4))
+            finally:
+                await client.close()
+
+        result = asyncio.run(go())
+    drafter.close()
+    assert result.ids == reference_greedy(torch_target, ids, 64)
