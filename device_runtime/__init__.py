@@ -15,14 +15,4 @@ from device_runtime.api import (  # noqa: F401
     TokenStream,
 )
 
-__all__ = [
-    "DeviceRuntime",
-    "Completion",
-    "Piece",
-    "TokenStream",
-    "AsyncTokenStream",
-    "RequestError",
-    "ContextLengthError",
-    "RuntimeBusy",
-    "EdgeUnavailable",
-]
+from device_runtime.api import __all__  # noqa: E402,F401  (one list of the public names)
