@@ -7,10 +7,15 @@ slower"). The controller learns, online and with exponential forgetting:
 - the draft cost per token on this device;
 - the wait for a verdict as a line in gamma, wait(g) = c0 + c1 * g, which folds RTT, the
   edge's verify time and the bytes on the link (large c1 for DSD's full Q rows).
-It then picks argmax_g E[tokens | g] / (g * t_draft + wait(g)) over 0..max_gamma, with
-E from `protocol.costmodel`. Gamma 0 (the edge decides one token per round) wins when
-drafting does not pay. Every few rounds it tries a neighbour of the best gamma so the
-wait line stays identifiable.
+It then picks argmax_g E[tokens | g] / round_time(g) over 0..max_gamma, with E from
+`protocol.costmodel`; round_time(g) is g * t_draft + wait(g), or with pipelining the
+expected time when the next draft is made during the wait whenever all g drafts and the
+bonus guess pass (so pipelining favours longer drafts). Gamma 0 (the edge decides one
+token per round) wins when drafting does not pay. Every few rounds it tries a neighbour
+of the best gamma so the wait line stays identifiable.
+
+One controller lives as long as its device client: what it learned about the link and
+the models carries from one request to the next (the decay forgets a changed link).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.costmodel import expected_tokens_per_round_positions
+from protocol.costmodel import expected_tokens_per_round_positions, pipelined_round_s
 
 
 @dataclass
@@ -29,6 +34,9 @@ class GammaController:
     prior_alpha: float = 0.6
     prior_weight: float = 2.0
     explore_every: int = 8
+    #: the device drafts ahead while a verdict is in flight (GenerationConfig.pipeline)
+    pipeline: bool = False
+    history_len: int = 256
     _reached: np.ndarray = field(init=False)
     _accepted: np.ndarray = field(init=False)
     _t_draft: float | None = field(default=None, init=False)
@@ -57,8 +65,16 @@ class GammaController:
     def expected_rate(self, gamma: int) -> float:
         """Predicted committed tokens per second at this gamma."""
         c0, c1 = self.wait_line()
-        t = gamma * (self._t_draft or 0.0) + c0 + c1 * gamma
-        return expected_tokens_per_round_positions(self.alphas()[:gamma]) / max(t, 1e-9)
+        alphas = self.alphas()
+        t_draft, wait = self._t_draft or 0.0, c0 + c1 * gamma
+        if self.pipeline and gamma > 0:
+            # drafts ahead are used when all gamma pass and the bonus guess matches, which
+            # is about as likely as one more acceptance
+            p_ahead = float(np.prod(alphas[:gamma])) * float(alphas[min(gamma, self.max_gamma - 1)])
+            t = pipelined_round_s(gamma, t_draft, wait, p_ahead)
+        else:
+            t = gamma * t_draft + wait
+        return expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
 
     def choose(self) -> int:
         if self._t_draft is None or self._sums[0] < 2:
@@ -70,6 +86,8 @@ class GammaController:
                 gamma = min(max(gamma + (1 if (self._rounds // self.explore_every) % 2 else -1), 0),
                             self.max_gamma)
         self.history.append(gamma)
+        if len(self.history) > 2 * self.history_len:
+            del self.history[: -self.history_len]
         return gamma
 
     def observe(self, gamma: int, n_accepted: int, draft_s: float, wait_s: float) -> None:

@@ -272,6 +272,18 @@ class DeviceClient:
         self.ssl_context = ssl_context
         self._link: EdgeLink | None = None
         self._fingerprint = vocab_fingerprint(drafter.vocab_tokens())
+        # adaptive gamma: one controller per (mode, sampling, max gamma, pipelining), kept
+        # across requests, since acceptance and timings depend on these and not the prompt
+        self._controllers: dict[tuple[Any, ...], GammaController] = {}
+
+    def gamma_controller(self, config: GenerationConfig, max_gamma: int) -> GammaController | None:
+        """The learned controller for this kind of request (None for a fixed gamma)."""
+        if config.gamma is not None:
+            return None
+        key = (config.mode, config.sampling, max_gamma, config.pipeline)
+        if key not in self._controllers:
+            self._controllers[key] = GammaController(max_gamma, pipeline=config.pipeline)
+        return self._controllers[key]
 
     async def connect(self) -> EdgeLink:
         if self._link is None:
@@ -436,7 +448,7 @@ class DeviceClient:
         greedy = config.sampling.greedy
         max_gamma = min(config.gamma if config.gamma is not None else config.max_gamma,
                         link.welcome.max_gamma, self.drafter.max_gamma)
-        control = GammaController(max_gamma) if config.gamma is None else None
+        control = self.gamma_controller(config, max_gamma)
         loop = asyncio.get_running_loop()
         committed = list(committed)
         prefix: list[int] = []
@@ -474,7 +486,10 @@ class DeviceClient:
             verdict_box: list[wire.VerdictMsg] = []
             background = None
             if config.pipeline and gamma >= 1 and remaining > gamma + 1:
-                n_ahead = min(gamma, remaining - gamma - 1) + 1  # the bonus guess + next drafts
+                # the bonus guess + the next drafts; one more than this round's when adaptive,
+                # so a run of full acceptances can still grow gamma
+                longest = min(gamma + 1, max_gamma) if control else gamma
+                n_ahead = min(longest, remaining - gamma - 1) + 1
 
                 def keep_going(ids: np.ndarray, box: list = verdict_box) -> bool:
                     if not box:

@@ -267,6 +267,21 @@ def round_bytes(mode: str, gamma: int, n_vocab: int, *, p_reject: float, greedy:
     return float(up), float(down)
 
 
+def pipelined_round_s(gamma: int, t_draft: float, wait_s: float, p_ahead: float) -> float:
+    """Expected device-side round time when the device drafts ahead while a verdict flies.
+
+    Without pipelining a round is `gamma * t_draft + wait_s`. With it, the next round's
+    drafts (plus a guess of the bonus token) are made during the wait; they are used
+    with probability `p_ahead` (all `gamma` drafts accepted and the guess equal to the
+    edge's bonus). Then the round costs max(wait, (gamma + 1) * t_draft) instead of
+    gamma * t_draft + wait; otherwise the draft is made after the verdict as usual.
+    """
+    if gamma <= 0:
+        return wait_s
+    ahead = max(wait_s, (gamma + 1) * t_draft)
+    return p_ahead * ahead + (1.0 - p_ahead) * (gamma * t_draft + wait_s)
+
+
 def paper_round_time(mode: str, gamma: int, a: float, t_draft: float, t_verify: float, link: Link,
                      n_vocab: int, row_bytes: int = FLOAT32_BYTES) -> float:
     """The paper's eqs. exactly (small terms dropped): DSD pays g|V|b up, DSSD (1-a^g)|V|b down."""

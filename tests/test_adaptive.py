@@ -38,12 +38,19 @@ def _run_all(client: DeviceClient, requests):  # noqa: ANN001, ANN202
 def test_auto_gamma_and_pipelining_keep_greedy_exact(mode, pipeline, tiny_target, tiny_edge, drafter):  # noqa: ANN001
     prompts = [drafter.tokenize(p, add_bos=False) for p in ("Hello world", "The cat sat on the", "Why")]
     cfg = GenerationConfig(mode=mode, max_new_tokens=80, sampling=GREEDY, gamma=None, pipeline=pipeline)
-    results = _run_all(DeviceClient(drafter, tiny_edge.url), [(ids, cfg) for ids in prompts])
+    client = DeviceClient(drafter, tiny_edge.url)
+    results = _run_all(client, [(ids, cfg) for ids in prompts])
     for ids, res in zip(prompts, results):
         assert res.ids == reference_greedy(tiny_target, ids, 80)
     kept = sum(r.stats.pipelined_kept for r in results)
     assert (kept > 0) == pipeline
     assert len({g for r in results for g in r.stats.gammas}) > 1, "the controller never changed gamma"
+    # one controller learned across the three requests
+    (control,) = client._controllers.values()
+    assert control._rounds == sum(len(r.stats.gammas) for r in results)
+    assert client.gamma_controller(cfg, 8) is control
+    assert client.gamma_controller(GenerationConfig(mode=mode, sampling=GREEDY, pipeline=not pipeline), 8) is not control
+    assert client.gamma_controller(GenerationConfig(mode=mode, gamma=4), 8) is None
 
 
 def _exact_prefix_law(target, prompt_ids: list[int], params: SamplingParams, depth: int) -> dict:  # noqa: ANN001
@@ -122,3 +129,19 @@ def test_controller_backs_off_when_each_draft_token_is_expensive_on_the_link() -
     c = GammaController(max_gamma=8)
     _train(c, alpha=0.7, t_draft=0.001, wait=lambda g: 0.05 + 0.2 * g)
     assert np.median(c.history[-50:]) <= 1
+
+
+def test_pipelining_counts_hidden_drafts_in_the_controllers_rates() -> None:
+    """Drafts made during the wait are free when they pass; short drafts pass more often.
+
+    So with the same observations, pipelining raises every gamma's predicted rate and
+    moves the optimum toward drafts short enough to usually pass entirely.
+    """
+    c = GammaController(max_gamma=8)
+    _train(c, alpha=0.85, t_draft=0.03, wait=lambda g: 0.15 + 0.01 * g)
+    plain = [c.expected_rate(g) for g in range(9)]
+    c.pipeline = True
+    piped = [c.expected_rate(g) for g in range(9)]
+    assert piped[0] == plain[0]
+    assert all(b > a for a, b in zip(plain[1:], piped[1:]))
+    assert int(np.argmax(piped)) < int(np.argmax(plain))

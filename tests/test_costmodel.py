@@ -138,3 +138,12 @@ def test_optimal_gamma_behaves() -> None:
     # per-position rates: positions beyond the list reuse the last rate
     gp, _ = cm.optimal_gamma([0.9, 0.8], 0.005, 0.04, fast, V, max_gamma=6)
     assert 0 <= gp <= 6
+
+
+def test_pipelined_round_time() -> None:
+    # never used: the plain round; always used with a long wait: just the wait
+    assert cm.pipelined_round_s(4, 0.01, 0.2, 0.0) == pytest.approx(4 * 0.01 + 0.2)
+    assert cm.pipelined_round_s(4, 0.01, 0.2, 1.0) == pytest.approx(0.2)
+    # always used but drafting is slower than the wait: the drafting bounds the round
+    assert cm.pipelined_round_s(4, 0.1, 0.2, 1.0) == pytest.approx(0.5)
+    assert cm.pipelined_round_s(0, 0.1, 0.2, 1.0) == pytest.approx(0.2)
