@@ -3,6 +3,7 @@
 compare  the link profiles x modes x gammas x sampling sweep (modest defaults; flags scale up)
 paper    the paper's grid (gamma x RTT x bandwidth, T 1, top-k 10) as a Table-2-shaped table
 report   recompute summaries and plots from an earlier (or interrupted) run's directory
+adaptive --gamma auto and pipelining against every fixed gamma, per draft and link
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -111,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, default=None, help="write here instead of SRC")
     rp.add_argument("--no-plots", action="store_true")
 
+    a = sub.add_parser("adaptive", help="--gamma auto and pipelining vs every fixed gamma (issue 9)",
+                       description="dssd with fixed gammas, auto, and without pipelining, per draft and "
+                                   "link profile; checks auto >= 0.95x the best fixed gamma and "
+                                   "pipelined >= 1.2x not pipelined at 50 ms RTT.")
+    a.add_argument("--target", type=Path, default=None, help="target model (default: the default pair)")
+    a.add_argument("--drafts", type=_csv, default=["q4_1", "q4_0"],
+                   help="comma list of q4_1, q4_0 (the default pair's drafts) or GGUF paths")
+    a.add_argument("--tiny", action="store_true", help="tiny random models built on the fly (smoke test)")
+    a.add_argument("--edge", choices=("process", "thread"), default="process")
+    a.add_argument("--profiles", type=_csv, default=list(PROFILES), help="comma list of profiles or MBPS/RTT_MS")
+    a.add_argument("--sampling", default="greedy", help="greedy, t1, t1-k10 or t<T>[-k<K>][-p<P>]")
+    a.add_argument("--gammas", type=_ints, default=tuple(range(1, 9)), help="fixed gammas to sweep")
+    a.add_argument("--prompts", type=int, default=3, help="built-in prompts (one trial each)")
+    a.add_argument("--tokens", type=int, default=64, help="max new tokens per generation")
+    a.add_argument("--nopipe-rtt-ms", type=float, default=50.0,
+                   help="sweep fixed gammas without pipelining on profiles with at least this RTT")
+    a.add_argument("--no-edge-only", action="store_true", help="skip the edge-only reference")
+    a.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="only re-analyse an earlier or interrupted run in DIR")
+    a.add_argument("--out", type=Path, default=Path("bench-results/adaptive"))
+    a.add_argument("--no-plots", action="store_true")
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("-v", "--verbose", action="store_true")
+
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
     _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
@@ -158,6 +183,44 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     return cfg
 
 
+def _adaptive(args: argparse.Namespace) -> int:
+    from benchmarks import adaptive
+
+    if args.report:
+        print(adaptive.markdown(adaptive.rebuild(args.report, plots=not args.no_plots)))
+        return 0
+    try:
+        if args.tiny:
+            from tests.fixtures.tiny_models import build_tiny_pair
+
+            pair = build_tiny_pair(args.out / "tiny_models")
+            target, drafts = pair.target_gguf, [("tiny", pair.draft_gguf)]
+        else:
+            from quantize.defaults import default_models
+
+            d = default_models()
+            known = {"q4_1": d.draft_q4_1_gguf, "q4_0": d.draft_q4_0_gguf}
+            target = args.target or d.target_gguf
+            drafts = [(x, Path(known.get(x, x))) for x in args.drafts]
+            for path in [target] + [p for _, p in drafts]:
+                if not Path(path).exists():
+                    raise FileNotFoundError(f"{path} not found: run `python -m quantize prepare-default`")
+        cfg = adaptive.AdaptiveConfig(
+            target=Path(target), drafts=drafts, out=args.out, profiles=[parse_profile(s) for s in args.profiles],
+            sampling=parse_sampling(args.sampling), gammas=args.gammas, prompts=args.prompts, tokens=args.tokens,
+            nopipe_rtt_ms=args.nopipe_rtt_ms, edge_only=not args.no_edge_only, edge=args.edge,
+            progress=not args.no_progress, plots=not args.no_plots)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"adaptive: {cfg.n_generations()} generations -> {cfg.out}", file=sys.stderr)
+    result = adaptive.run_adaptive(cfg)
+    print(adaptive.markdown(result))
+    print(f"done in {result['elapsed_s']:.0f} s; results in {cfg.out}/ (runs.csv, summary.csv, checks.csv, "
+          "results.json, summary.md" + (", adaptive.png" if cfg.plots else "") + ")", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
@@ -169,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         rebuild_report(args.src, args.out, plots=not args.no_plots)
         print((out / "summary.md").read_text())
         return 0
+    if args.command == "adaptive":
+        return _adaptive(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:

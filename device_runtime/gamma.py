@@ -14,6 +14,13 @@ bonus guess pass (so pipelining favours longer drafts). Gamma 0 (the edge decide
 token per round) wins when drafting does not pay. Every few rounds it tries a neighbour
 of the best gamma so the wait line stays identifiable.
 
+Where it has recent data for a gamma, the controller trusts the round time it measured
+there (the whole round as the device lived it: drafting, waiting, pipelined drafts
+finishing, resampling) over the model, weighting the two by how much data it has. The
+model only has to be right about gammas it has not tried lately; effects it does not
+model (CPU contention between the pipelined drafter and a co-located edge, Python
+overhead) are then still accounted for where it matters.
+
 One controller lives as long as its device client: what it learned about the link and
 the models carries from one request to the next (the decay forgets a changed link).
 """
@@ -37,16 +44,22 @@ class GammaController:
     #: the device drafts ahead while a verdict is in flight (GenerationConfig.pipeline)
     pipeline: bool = False
     history_len: int = 256
+    #: how many decayed rounds of measurement count as much as the model
+    model_weight: float = 2.0
     _reached: np.ndarray = field(init=False)
     _accepted: np.ndarray = field(init=False)
     _t_draft: float | None = field(default=None, init=False)
     _sums: np.ndarray = field(default_factory=lambda: np.zeros(5), init=False)  # n, g, g^2, w, g*w
     _rounds: int = field(default=0, init=False)
+    _round_n: np.ndarray = field(init=False)  # per gamma: decayed count of measured rounds
+    _round_s: np.ndarray = field(init=False)  # per gamma: decayed sum of their durations
     history: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._reached = np.zeros(self.max_gamma)
         self._accepted = np.zeros(self.max_gamma)
+        self._round_n = np.zeros(self.max_gamma + 1)
+        self._round_s = np.zeros(self.max_gamma + 1)
 
     def alphas(self) -> np.ndarray:
         """Current conditional acceptance estimates per position (prior-smoothed)."""
@@ -74,6 +87,8 @@ class GammaController:
             t = pipelined_round_s(gamma, t_draft, wait, p_ahead)
         else:
             t = gamma * t_draft + wait
+        n = self._round_n[gamma]
+        t = (self._round_s[gamma] + self.model_weight * t) / (n + self.model_weight)
         return expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
 
     def choose(self) -> int:
@@ -90,9 +105,15 @@ class GammaController:
             del self.history[: -self.history_len]
         return gamma
 
-    def observe(self, gamma: int, n_accepted: int, draft_s: float, wait_s: float) -> None:
-        """One round's outcome: accepted prefix length, time spent drafting, time waited."""
+    def observe(self, gamma: int, n_accepted: int, draft_s: float, wait_s: float,
+                round_s: float | None = None) -> None:
+        """One round's outcome: accepted prefix length, time spent drafting, time waited,
+        and the whole round's duration (None: drafting plus waiting)."""
         self._rounds += 1
+        self._round_n *= self.decay
+        self._round_s *= self.decay
+        self._round_n[gamma] += 1
+        self._round_s[gamma] += draft_s + wait_s if round_s is None else round_s
         self._reached *= self.decay
         self._accepted *= self.decay
         reached = min(n_accepted + 1, gamma)  # positions 1..n_accepted+1 were tested

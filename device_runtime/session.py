@@ -486,10 +486,10 @@ class DeviceClient:
             verdict_box: list[wire.VerdictMsg] = []
             background = None
             if config.pipeline and gamma >= 1 and remaining > gamma + 1:
-                # the bonus guess + the next drafts; one more than this round's when adaptive,
-                # so a run of full acceptances can still grow gamma
-                longest = min(gamma + 1, max_gamma) if control else gamma
-                n_ahead = min(longest, remaining - gamma - 1) + 1
+                # the bonus guess + as many drafts as this round: when the guess is right the
+                # main loop waits for them, so drafting more than the next round uses would
+                # cost time (an adaptive gamma grows again after the next partial acceptance)
+                n_ahead = min(gamma, remaining - gamma - 1) + 1
 
                 def keep_going(ids: np.ndarray, box: list = verdict_box) -> bool:
                     if not box:
@@ -536,10 +536,11 @@ class DeviceClient:
                 prefix = []
             new = d.ids[:j].tolist() + [token]
             committed.extend(new)
-            stats.rounds.record_round(gamma, j, time.perf_counter() - t_round)
+            round_s = time.perf_counter() - t_round
+            stats.rounds.record_round(gamma, j, round_s)
             stats.gammas.append(gamma)
             if control is not None:
-                control.observe(gamma, j, draft_s, wait_s)
+                control.observe(gamma, j, draft_s, wait_s, round_s)
             if out.commit(new):
                 return
 
