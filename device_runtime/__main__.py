@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="access token for the edge (default: $DSSD_EDGE_TOKEN)")
     p.add_argument("--ca-file", default=None, help="CA certificate (PEM) to trust for a wss:// edge")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=0,
+                   help="draft layers to offload to a GPU (Jetson; -1 = all) when llama.cpp has GPU support")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--json", action="store_true", help="print the stats as JSON instead of a summary")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -64,7 +66,8 @@ async def _run(args: argparse.Namespace) -> int:
     from quantize.defaults import default_models
 
     drafter = LlamaDrafter(args.model or default_models().draft_q4_0_gguf,
-                           n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=max(args.max_gamma, 1 if args.gamma == "auto" else int(args.gamma)))
+                           n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                           max_gamma=max(args.max_gamma, 1 if args.gamma == "auto" else int(args.gamma)))
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.chat})
@@ -126,6 +129,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     p.add_argument("--max-gamma", type=int, default=16, help="largest gamma a request may ask for")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=0,
+                   help="draft layers to offload to a GPU (Jetson; -1 = all) when llama.cpp has GPU support")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -142,7 +147,7 @@ def serve_main(argv: list[str]) -> int:
     try:
         rt = DeviceRuntime(args.model or default_models().draft_q4_0_gguf, args.edge or None,
                            n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=args.max_gamma,
-                           parallel=args.parallel, max_queue=args.max_queue, model_name=args.model_name)
+                           n_gpu_layers=args.n_gpu_layers, parallel=args.parallel, max_queue=args.max_queue, model_name=args.model_name)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

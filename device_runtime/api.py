@@ -252,8 +252,8 @@ class DeviceRuntime:
 
     model_path: the draft GGUF. edge_url: ws://HOST:PORT, or None for device-only use.
     parallel: number of slots (each loads its own llama.cpp context); requests beyond
-    that wait FIFO, at most `max_queue` of them. n_ctx, n_threads, max_gamma and
-    f32_kv_cache go to `LlamaDrafter`. `drafters=` passes ready drafters instead of a path
+    that wait FIFO, at most `max_queue` of them. n_ctx, n_threads, max_gamma,
+    f32_kv_cache and n_gpu_layers go to `LlamaDrafter`. `drafters=` passes ready drafters instead of a path
     (they are not closed by the runtime).
     """
 
@@ -272,6 +272,7 @@ class DeviceRuntime:
         drafters: Sequence[LlamaDrafter] | None = None,
         model_name: str | None = None,
         fallback: bool = False,
+        n_gpu_layers: int = 0,
     ) -> None:
         #: Keep generating with the draft alone when the edge is lost (pieces flagged
         #: verified=False); off by default so an API answer is always the target's.
@@ -288,7 +289,8 @@ class DeviceRuntime:
             try:
                 for _ in range(parallel):
                     self._drafters.append(LlamaDrafter(model_path, n_ctx=n_ctx, n_threads=n_threads,
-                                                       max_gamma=max_gamma, f32_kv_cache=f32_kv_cache))
+                                                       max_gamma=max_gamma, f32_kv_cache=f32_kv_cache,
+                                                       n_gpu_layers=n_gpu_layers))
             except BaseException:
                 for d in self._drafters:
                     d.close()

@@ -40,7 +40,10 @@ class LlamaDrafter:
         n_threads: int | None = None,
         max_gamma: int = 16,
         f32_kv_cache: bool = False,
+        n_gpu_layers: int = 0,
     ) -> None:
+        """`n_gpu_layers`: layers offloaded to a GPU (Jetson; -1 for all) when llama.cpp was
+        built with CUDA/Metal/Vulkan; the default 0 keeps the whole draft on the CPU."""
         import llama_cpp
 
         path = Path(model_path)
@@ -57,6 +60,7 @@ class LlamaDrafter:
             n_batch=min(512, n_ctx),
             n_threads=threads,
             n_threads_batch=threads,
+            n_gpu_layers=n_gpu_layers,
             logits_all=False,
             verbose=False,
             **kwargs,

@@ -91,3 +91,50 @@ def test_cli_help_and_argument_parsing(capsys) -> None:  # noqa: ANN001
         parse_profile("fast")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--mode-tokens", "warp=3"])
+
+
+def test_adaptive_sweep_end_to_end(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    from benchmarks.adaptive import AdaptiveConfig, rebuild, run_adaptive
+
+    out = tmp_path / "adaptive"
+    cfg = AdaptiveConfig(target=tiny_pair.target_gguf, drafts=[("tiny", tiny_pair.draft_gguf)], out=out,
+                         profiles=[parse_profile("loopback"), parse_profile("50/50")], gammas=(1, 2),
+                         prompts=2, tokens=12, edge="thread", n_ctx=512, progress=False)
+    result = run_adaptive(cfg)
+    for name in ("runs.csv", "summary.csv", "checks.csv", "results.json", "summary.md", "adaptive.png"):
+        assert (out / name).stat().st_size > 0, name
+    runs = _rows(out / "runs.csv")
+    assert len(runs) == cfg.n_generations() == 2 * (5 + 7)
+    assert {r["variant"] for r in runs if r["profile"] == "50mbps-50ms"} == {
+        "g1", "g2", "auto", "auto-nopipe", "g1-nopipe", "g2-nopipe", "edge-only"}
+    assert result["greedy_outputs_identical"] is True  # greedy: every variant, the same text
+    checks = {(c["profile"], c["check"].split(" (")[0]) for c in result["checks"]}
+    assert ("50mbps-50ms", "pipelined / not, best fixed") in checks
+    assert ("loopback", "auto / best fixed gamma") in checks
+    assert not any(c["profile"] == "loopback" and c["check"].startswith("pipelined") for c in result["checks"])
+    assert rebuild(out, plots=False)["checks"] == json.loads(json.dumps(result["checks"]))
+
+
+def test_adaptive_analysis_pairs_trials_and_picks_the_best_fixed_gamma() -> None:
+    from benchmarks.adaptive import analyse
+
+    def row(variant: str, trial: int, tps: float) -> dict:
+        mode = "edge-only" if variant == "edge-only" else "dssd"
+        return {"draft": "d", "profile": "p", "rtt_ms": 50.0, "variant": variant, "mode": mode, "trial": trial,
+                "tokens_per_s": tps, "mean_gamma": 2.0, "mean_accepted_length": 2.0, "pipelined_kept": 0,
+                "pipelined_discarded": 0, "ids_hash": 7}
+
+    rows = []
+    for t, scale in enumerate((1.0, 2.0, 4.0)):  # trials differ a lot; ratios are paired
+        rows += [row("g1", t, 10 * scale), row("g2", t, 12 * scale), row("auto", t, 11.5 * scale),
+                 row("auto-nopipe", t, 9 * scale), row("g1-nopipe", t, 8 * scale), row("g2-nopipe", t, 10 * scale),
+                 row("edge-only", t, 11 * scale)]
+    result = analyse(rows, {"gammas": [1, 2], "sampling": "greedy"})
+    checks = {c["check"]: c for c in result["checks"]}
+    auto = checks["auto / best fixed gamma"]
+    assert auto["against"] == "g2" and auto["median"] == pytest.approx(11.5 / 12) and auto["pass"] is True
+    assert auto["min"] == auto["max"]  # paired per trial: the trial scale cancels
+    assert checks["pipelined / not, auto"]["median"] == pytest.approx(11.5 / 9) and checks["pipelined / not, auto"]["pass"]
+    best = checks["pipelined / not, best fixed (g2 vs g2-nopipe)"]
+    assert best["median"] == pytest.approx(1.2) and best["pass"] is True
+    assert result["greedy_outputs_identical"] is True
