@@ -62,8 +62,18 @@ class GammaController:
         self._round_s = np.zeros(self.max_gamma + 1)
 
     def alphas(self) -> np.ndarray:
-        """Current conditional acceptance estimates per position (prior-smoothed)."""
-        return (self._accepted + self.prior_alpha * self.prior_weight) / (self._reached + self.prior_weight)
+        """Current conditional acceptance estimates per position.
+
+        Each position shrinks toward the estimate of the position before it (the first
+        toward `prior_alpha`): a position rarely reached inherits what the controller knows
+        about the ones before it instead of a fixed guess, so a draft that is almost always
+        accepted is not held back by positions it has not tried yet.
+        """
+        out = np.empty(self.max_gamma)
+        prior = self.prior_alpha
+        for i in range(self.max_gamma):
+            prior = out[i] = (self._accepted[i] + prior * self.prior_weight) / (self._reached[i] + self.prior_weight)
+        return out
 
     def wait_line(self) -> tuple[float, float]:
         """(c0, c1) of wait(g) = c0 + c1 * g by decayed least squares (c1 >= 0)."""
@@ -91,36 +101,53 @@ class GammaController:
         t = (self._round_s[gamma] + self.model_weight * t) / (n + self.model_weight)
         return expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
 
-    def choose(self) -> int:
+    def _pick(self, round_index: int) -> int:
+        """The gamma for round `round_index`: the best predicted, or a neighbour every
+        `explore_every` rounds."""
         if self._t_draft is None or self._sums[0] < 2:
-            gamma = min(self.initial_gamma, self.max_gamma)
-        else:
-            rates = [self.expected_rate(g) for g in range(self.max_gamma + 1)]
-            gamma = int(np.argmax(rates))
-            if self._rounds % self.explore_every == self.explore_every - 1:
-                gamma = min(max(gamma + (1 if (self._rounds // self.explore_every) % 2 else -1), 0),
-                            self.max_gamma)
+            return min(self.initial_gamma, self.max_gamma)
+        gamma = int(np.argmax([self.expected_rate(g) for g in range(self.max_gamma + 1)]))
+        if round_index % self.explore_every == self.explore_every - 1:
+            step = 1 if (round_index // self.explore_every) % 2 else -1
+            gamma = min(max(gamma + step, 0), self.max_gamma)
+        return gamma
+
+    def choose(self) -> int:
+        """This round's gamma (recorded in `history`)."""
+        gamma = self._pick(self._rounds)
         self.history.append(gamma)
         if len(self.history) > 2 * self.history_len:
             del self.history[: -self.history_len]
         return gamma
 
-    def observe(self, gamma: int, n_accepted: int, draft_s: float, wait_s: float,
-                round_s: float | None = None) -> None:
-        """One round's outcome: accepted prefix length, time spent drafting, time waited,
-        and the whole round's duration (None: drafting plus waiting)."""
+    def planned_next(self) -> int:
+        """What `choose` will most likely return next round, asked while this round's verdict
+        is in flight: how many tokens a pipelined draft should prepare."""
+        return self._pick(self._rounds + 1)
+
+    def observe(self, gamma: int, n_accepted: int, wait_s: float, round_s: float) -> None:
+        """One round's outcome: accepted prefix length, time waited for the verdict, and
+        the whole round's duration as the device lived it."""
         self._rounds += 1
         self._round_n *= self.decay
         self._round_s *= self.decay
         self._round_n[gamma] += 1
-        self._round_s[gamma] += draft_s + wait_s if round_s is None else round_s
+        self._round_s[gamma] += round_s
         self._reached *= self.decay
         self._accepted *= self.decay
         reached = min(n_accepted + 1, gamma)  # positions 1..n_accepted+1 were tested
         self._reached[:reached] += 1
         self._accepted[:n_accepted] += 1
-        if gamma > 0 and draft_s > 0:
-            per_token = draft_s / gamma
-            self._t_draft = per_token if self._t_draft is None else 0.8 * self._t_draft + 0.2 * per_token
         self._sums *= self.decay
         self._sums += (1.0, gamma, gamma * gamma, wait_s, gamma * wait_s)
+
+    def observe_draft(self, seconds: float, n_tokens: int) -> None:
+        """Time to draft `n_tokens` after a short re-sync of the drafter's cache.
+
+        Fed from rounds drafted in line and from pipelined drafts (with pipelining and a
+        good draft almost every round's draft is made ahead, so those are most samples);
+        never from a request's first round, which includes the prompt's prefill.
+        """
+        if n_tokens > 0 and seconds > 0:
+            per_token = seconds / n_tokens
+            self._t_draft = per_token if self._t_draft is None else 0.8 * self._t_draft + 0.2 * per_token

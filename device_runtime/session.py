@@ -465,12 +465,12 @@ class DeviceClient:
                 stats.pipelined_kept += len(d.ids)
                 stats.pipelined_discarded += len(ahead.ids) - len(d.ids)
                 gamma = len(d.ids)
-                draft_s = 0.0
             else:
                 if ahead is not None:
                     stats.pipelined_discarded += len(ahead.ids)
                 d = self.drafter.draft(committed, gamma, config.sampling, rng, slot=slot)
-                draft_s = time.perf_counter() - t_round
+                if control is not None and round_no > 0:  # round 1 includes the prompt's prefill
+                    control.observe_draft(time.perf_counter() - t_round, gamma)
             ahead = None
             msg = wire.Draft(
                 n_committed=len(committed),
@@ -486,10 +486,11 @@ class DeviceClient:
             verdict_box: list[wire.VerdictMsg] = []
             background = None
             if config.pipeline and gamma >= 1 and remaining > gamma + 1:
-                # the bonus guess + as many drafts as this round: when the guess is right the
-                # main loop waits for them, so drafting more than the next round uses would
-                # cost time (an adaptive gamma grows again after the next partial acceptance)
-                n_ahead = min(gamma, remaining - gamma - 1) + 1
+                # the bonus guess + the next round's drafts: when the guess is right the main
+                # loop waits for them, so prepare what the next round will use (adaptive:
+                # the controller's plan, which may grow gamma during a run of full acceptances)
+                n_next = control.planned_next() if control else gamma
+                n_ahead = min(n_next, remaining - gamma - 1) + 1
 
                 def keep_going(ids: np.ndarray, box: list = verdict_box) -> bool:
                     if not box:
@@ -500,12 +501,13 @@ class DeviceClient:
                 # its own generator, seeded from the main stream: how far the pipeline gets
                 # depends on timing, and must not shift the main stream (same seed, same output)
                 pipe_rng = np.random.default_rng(int(rng.integers(2**63)))
-                background = loop.run_in_executor(
-                    None,
-                    lambda base=committed + d.ids.tolist(), n=n_ahead, s=1 - slot: self.drafter.draft(
-                        base, n, config.sampling, pipe_rng, slot=s, keep_going=keep_going
-                    ),
-                )
+                def timed_draft(base: list[int] = committed + d.ids.tolist(), n: int = n_ahead,
+                                s: int = 1 - slot) -> tuple[Draft, float]:
+                    t0 = time.perf_counter()
+                    out = self.drafter.draft(base, n, config.sampling, pipe_rng, slot=s, keep_going=keep_going)
+                    return out, time.perf_counter() - t0
+
+                background = loop.run_in_executor(None, timed_draft)
             try:
                 verdict = await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s)
             except BaseException:
@@ -519,7 +521,9 @@ class DeviceClient:
                 raise wire.Malformed(f"edge accepted {j} of {gamma} drafts")
             if background is not None:
                 verdict_box.append(verdict)
-                guess = await background  # the drafter and rng are free again after this
+                guess, guess_s = await background  # the drafter and rng are free again after this
+                if control is not None:
+                    control.observe_draft(guess_s, len(guess.ids))
                 if (verdict.kind is VerdictKind.BONUS and len(guess.ids) > 1
                         and int(guess.ids[0]) == verdict.token):
                     ahead = Draft(guess.ids[1:], guess.q_draft[1:], guess.q_rows[1:])
@@ -540,7 +544,7 @@ class DeviceClient:
             stats.rounds.record_round(gamma, j, round_s)
             stats.gammas.append(gamma)
             if control is not None:
-                control.observe(gamma, j, draft_s, wait_s, round_s)
+                control.observe(gamma, j, wait_s, round_s)
             if out.commit(new):
                 return
 
