@@ -37,6 +37,7 @@ demo: setup
 bench: setup
 	$(BIN)/python -m benchmarks compare --out bench-results/compare --profiles 1mbps-50ms,10mbps-20ms,100mbps-5ms,loopback \
 		--gammas 2,4,6,8 --samplings t1,t1-k10,greedy --prompts 4 --runs 1 --tokens 128 --mode-tokens dsd=32
+	$(BIN)/python -m benchmarks adaptive --out bench-results/adaptive --prompts 6 --tokens 64
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

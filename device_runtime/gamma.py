@@ -4,15 +4,18 @@ A fixed gamma is wrong for most links, models and prompts ("speculation made it
 slower"). The controller learns, online and with exponential forgetting:
 - the conditional acceptance per draft position, alpha_i = P(accept x_i | x_1..x_{i-1}
   accepted), from each round's outcome;
-- the draft cost per token on this device;
+- the draft cost per token on this device (from drafts made in line and from pipelined
+  ones, never from a request's first round, which includes the prompt's prefill);
 - the wait for a verdict as a line in gamma, wait(g) = c0 + c1 * g, which folds RTT, the
   edge's verify time and the bytes on the link (large c1 for DSD's full Q rows).
 It then picks argmax_g E[tokens | g] / round_time(g) over 0..max_gamma, with E from
 `protocol.costmodel`; round_time(g) is g * t_draft + wait(g), or with pipelining the
 expected time when the next draft is made during the wait whenever all g drafts and the
-bonus guess pass (so pipelining favours longer drafts). Gamma 0 (the edge decides one
-token per round) wins when drafting does not pay. Every few rounds it tries a neighbour
-of the best gamma so the wait line stays identifiable.
+bonus guess pass (a draft that nearly always passes then costs almost nothing, however
+long). `planned_next` tells the pipelined drafter how many tokens to prepare. Gamma 0 (the edge decides one
+token per round) wins when drafting does not pay. Every few rounds it tries the
+runner-up instead (nearly as good by prediction, so cheap to try): that keeps the
+measurements of the competitive gammas fresh and the wait line identifiable.
 
 Where it has recent data for a gamma, the controller trusts the round time it measured
 there (the whole round as the device lived it: drafting, waiting, pipelined drafts
@@ -37,10 +40,10 @@ from protocol.costmodel import expected_tokens_per_round_positions, pipelined_ro
 class GammaController:
     max_gamma: int = 8
     initial_gamma: int = 4
-    decay: float = 0.97  # per round; ~30 rounds of memory
+    decay: float = 0.94  # per round; ~16 rounds of memory (acceptance changes with the prompt)
     prior_alpha: float = 0.6
     prior_weight: float = 2.0
-    explore_every: int = 8
+    explore_every: int = 4
     #: the device drafts ahead while a verdict is in flight (GenerationConfig.pipeline)
     pipeline: bool = False
     history_len: int = 256
@@ -102,15 +105,14 @@ class GammaController:
         return expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
 
     def _pick(self, round_index: int) -> int:
-        """The gamma for round `round_index`: the best predicted, or a neighbour every
+        """The gamma for round `round_index`: the best predicted, or the runner-up every
         `explore_every` rounds."""
         if self._t_draft is None or self._sums[0] < 2:
             return min(self.initial_gamma, self.max_gamma)
-        gamma = int(np.argmax([self.expected_rate(g) for g in range(self.max_gamma + 1)]))
+        rates = np.array([self.expected_rate(g) for g in range(self.max_gamma + 1)])
         if round_index % self.explore_every == self.explore_every - 1:
-            step = 1 if (round_index // self.explore_every) % 2 else -1
-            gamma = min(max(gamma + step, 0), self.max_gamma)
-        return gamma
+            rates[int(np.argmax(rates))] = -np.inf  # explore: the runner-up
+        return int(np.argmax(rates))
 
     def choose(self) -> int:
         """This round's gamma (recorded in `history`)."""
