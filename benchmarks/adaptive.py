@@ -36,6 +36,7 @@ from typing import Any, Sequence
 from benchmarks.compare import (
     PROFILES,
     _num,
+    _stats,
     _write_csv,
     build_prompts,
     edge_server,
@@ -217,10 +218,6 @@ def run_adaptive(cfg: AdaptiveConfig) -> dict[str, Any]:
 # -- analysis (pure: rows in, numbers out) ---------------------------------------------------
 
 
-def _stats(xs: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
 def _paired(rows: list[dict[str, Any]], a: str, b: str) -> list[float]:
     """tokens/s of variant a over variant b, trial by trial."""
     by = {(r["variant"], r["trial"]): r["tokens_per_s"] for r in rows}
@@ -283,10 +280,8 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any
 
 
 def _check(ratios: list[float], target: float | None) -> dict[str, Any]:
-    if not ratios:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0, "pass": ""}
     s = _stats(ratios)
-    return {**s, "pass": "" if target is None else s["median"] >= target}
+    return {**s, "pass": "" if target is None or not s["n"] else s["median"] >= target}
 
 
 # -- output ------------------------------------------------------------------------------
