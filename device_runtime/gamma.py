@@ -13,9 +13,14 @@ It then picks argmax_g E[tokens | g] / round_time(g) over 0..max_gamma, with E f
 expected time when the next draft is made during the wait whenever all g drafts and the
 bonus guess pass (a draft that nearly always passes then costs almost nothing, however
 long). `planned_next` tells the pipelined drafter how many tokens to prepare. Gamma 0 (the edge decides one
-token per round) wins when drafting does not pay. Every few rounds it tries the
-runner-up instead (nearly as good by prediction, so cheap to try): that keeps the
-measurements of the competitive gammas fresh and the wait line identifiable.
+token per round) wins when drafting does not pay.
+
+Exploration is a close-call check, not a fixed tax: every few rounds it plays the best
+of the gammas predicted within `explore_margin` of the leader whose measurements have
+gone stale (decayed below `stale_below` rounds). A clear leader with fresh rivals is
+never interrupted (a near-perfect draft stays at the top gamma), a flat curve keeps
+every close candidate measured, and a leader that only looks best because a rival's
+measurement was unlucky gets that rival re-measured, whichever rank it sits at.
 
 Where it has recent data for a gamma, the controller trusts the round time it measured
 there (the whole round as the device lived it: drafting, waiting, pipelined drafts
@@ -44,6 +49,10 @@ class GammaController:
     prior_alpha: float = 0.6
     prior_weight: float = 2.0
     explore_every: int = 4
+    #: candidates predicted within this fraction of the leader's rate are worth a look
+    explore_margin: float = 0.9
+    #: ... when measured less than this many (decayed) rounds lately
+    stale_below: float = 0.5
     #: the device drafts ahead while a verdict is in flight (GenerationConfig.pipeline)
     pipeline: bool = False
     history_len: int = 256
@@ -88,31 +97,43 @@ class GammaController:
         c0 = max(sw / n - c1 * sg / n, 0.0)
         return c0, c1
 
-    def expected_rate(self, gamma: int) -> float:
-        """Predicted committed tokens per second at this gamma."""
+    def expected_rates(self) -> np.ndarray:
+        """Predicted committed tokens per second for every gamma in 0..max_gamma."""
         c0, c1 = self.wait_line()
         alphas = self.alphas()
-        t_draft, wait = self._t_draft or 0.0, c0 + c1 * gamma
-        if self.pipeline and gamma > 0:
-            # drafts ahead are used when all gamma pass and the bonus guess matches, which
-            # is about as likely as one more acceptance
-            p_ahead = float(np.prod(alphas[:gamma])) * float(alphas[min(gamma, self.max_gamma - 1)])
-            t = pipelined_round_s(gamma, t_draft, wait, p_ahead)
-        else:
-            t = gamma * t_draft + wait
-        n = self._round_n[gamma]
-        t = (self._round_s[gamma] + self.model_weight * t) / (n + self.model_weight)
-        return expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
+        t_draft = self._t_draft or 0.0
+        rates = np.empty(self.max_gamma + 1)
+        for gamma in range(self.max_gamma + 1):
+            wait = c0 + c1 * gamma
+            if self.pipeline and gamma > 0:
+                # drafts ahead are used when all gamma pass and the bonus guess matches, which
+                # is about as likely as one more acceptance
+                p_ahead = float(np.prod(alphas[:gamma])) * float(alphas[min(gamma, self.max_gamma - 1)])
+                t = pipelined_round_s(gamma, t_draft, wait, p_ahead)
+            else:
+                t = gamma * t_draft + wait
+            n = self._round_n[gamma]
+            t = (self._round_s[gamma] + self.model_weight * t) / (n + self.model_weight)
+            rates[gamma] = expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
+        return rates
+
+    def expected_rate(self, gamma: int) -> float:
+        """Predicted committed tokens per second at this gamma."""
+        return float(self.expected_rates()[gamma])
 
     def _pick(self, round_index: int) -> int:
-        """The gamma for round `round_index`: the best predicted, or the runner-up every
-        `explore_every` rounds."""
+        """The gamma for round `round_index`: the best predicted, or every `explore_every`
+        rounds the best close call whose measurements are stale (see the module doc)."""
         if self._t_draft is None or self._sums[0] < 2:
             return min(self.initial_gamma, self.max_gamma)
-        rates = np.array([self.expected_rate(g) for g in range(self.max_gamma + 1)])
+        rates = self.expected_rates()
+        best = int(np.argmax(rates))
         if round_index % self.explore_every == self.explore_every - 1:
-            rates[int(np.argmax(rates))] = -np.inf  # explore: the runner-up
-        return int(np.argmax(rates))
+            due = (rates >= self.explore_margin * rates[best]) & (self._round_n < self.stale_below)
+            due[best] = False
+            if due.any():
+                return int(np.argmax(np.where(due, rates, -np.inf)))
+        return best
 
     def choose(self) -> int:
         """This round's gamma (recorded in `history`)."""

@@ -165,3 +165,17 @@ def test_pipelined_controller_drafts_long_when_the_draft_almost_always_passes() 
         c.observe_draft(g * t_draft, g)
         c.observe(g, accepted, wait, pipelined_round_s(g, t_draft, wait, alpha ** (g + 1)))
     assert np.median(c.history[-50:]) >= 6
+
+
+def test_controller_explores_close_calls_only_when_their_measurements_are_stale() -> None:
+    """A clear leader is not interrupted; a rival within the margin is re-measured once its
+    data has decayed, however it ranks (a stuck leader cannot hide a better gamma)."""
+    c = GammaController(max_gamma=8, pipeline=True)
+    _train(c, alpha=0.995, t_draft=0.001, wait=lambda g: 0.2 + 0.001 * g)
+    tail = c.history[-100:]
+    assert np.mean(np.array(tail) == 8) >= 0.9  # the top gamma wins clearly: few detours
+    rates = c.expected_rates()
+    close = [g for g in range(9) if g != 8 and rates[g] >= c.explore_margin * rates[8]]
+    assert set(tail) - {8} <= set(close)  # detours only to close calls
+    explored = sum(1 for g in tail if g != 8)
+    assert explored <= 100 // c.explore_every  # at most one slot in explore_every, usually fewer
