@@ -148,6 +148,8 @@ def _row(draft: str, profile: LinkProfile, v: Variant, trial: int, result: Any) 
         "gamma_counts": json.dumps({g: gammas.count(g) for g in sorted(set(gammas))}),
         "mean_accepted_length": st.rounds.mean_accepted_length,
         "pipelined_kept": st.pipelined_kept,
+        "draft_s": st.draft_s,
+        "hideable_draft_s": st.hideable_draft_s,
         "pipelined_discarded": st.pipelined_discarded,
         "ids_hash": hash(tuple(result.ids)) & 0xFFFFFFFF,
     }
@@ -225,6 +227,17 @@ def _paired(rows: list[dict[str, Any]], a: str, b: str) -> list[float]:
             if (a, t) in by and (b, t) in by and by[(b, t)] > 0]
 
 
+def _ceiling(rows: list[dict[str, Any]], label: str, key: str) -> list[float]:
+    """Per trial, the speed-up a draft-ahead pipeline could at most give `label`'s run: its
+    wall time over the wall time less the in-line drafting (`key`) it would have hidden."""
+    out = []
+    for r in rows:
+        hidden = r.get(key)
+        if r["variant"] == label and isinstance(hidden, (int, float)) and 0 <= hidden < r["wall_s"]:
+            out.append(r["wall_s"] / (r["wall_s"] - hidden))
+    return out
+
+
 def _best(medians: dict[str, float], labels: Sequence[str]) -> str | None:
     present = [x for x in labels if x in medians]
     return max(present, key=lambda x: medians[x]) if present else None
@@ -269,6 +282,13 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any
                                "against": best_nopipe, "target": PIPELINE_TARGET,
                                **_check(_paired(sel, best, best_nopipe), PIPELINE_TARGET),
                                "ratio_of_medians": medians[best] / medians[best_nopipe]})
+            for label, key in (("drafts after an all-pass round hidden", "hideable_draft_s"),
+                               ("every draft hidden", "draft_s")):
+                ceil = _ceiling(sel, "auto-nopipe", key)
+                if ceil:
+                    checks.append({**base, "check": f"pipelining ceiling: auto-nopipe with {label} (context)",
+                                   "against": "auto-nopipe", "target": "", **_check(ceil, None),
+                                   "ratio_of_medians": statistics.median(ceil)})
         if "edge-only" in medians and "auto" in medians:
             checks.append({**base, "check": "auto / edge-only (context)", "against": "edge-only", "target": "",
                            **_check(_paired(sel, "auto", "edge-only"), None),

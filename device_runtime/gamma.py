@@ -27,7 +27,10 @@ there (the whole round as the device lived it: drafting, waiting, pipelined draf
 finishing, resampling) over the model, weighting the two by how much data it has. The
 model only has to be right about gammas it has not tried lately; effects it does not
 model (CPU contention between the pipelined drafter and a co-located edge, Python
-overhead) are then still accounted for where it matters.
+overhead) are then still accounted for where it matters. The model itself is first
+scaled by the ratio of measured to modelled time over all recent rounds: an optimistic
+model would otherwise make every rarely measured gamma look better than the leader, whose
+estimate is mostly measurement.
 
 One controller lives as long as its device client: what it learned about the link and
 the models carries from one request to the next (the decay forgets a changed link).
@@ -65,6 +68,7 @@ class GammaController:
     _rounds: int = field(default=0, init=False)
     _round_n: np.ndarray = field(init=False)  # per gamma: decayed count of measured rounds
     _round_s: np.ndarray = field(init=False)  # per gamma: decayed sum of their durations
+    _cal: np.ndarray = field(default_factory=lambda: np.zeros(2), init=False)  # measured, modelled
     history: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -97,34 +101,50 @@ class GammaController:
         c0 = max(sw / n - c1 * sg / n, 0.0)
         return c0, c1
 
-    def expected_rates(self) -> np.ndarray:
-        """Predicted committed tokens per second for every gamma in 0..max_gamma."""
+    def model_round_s(self) -> np.ndarray:
+        """The cost model's round time for every gamma in 0..max_gamma (no measurements)."""
         c0, c1 = self.wait_line()
         alphas = self.alphas()
         t_draft = self._t_draft or 0.0
-        rates = np.empty(self.max_gamma + 1)
+        out = np.empty(self.max_gamma + 1)
         for gamma in range(self.max_gamma + 1):
             wait = c0 + c1 * gamma
             if self.pipeline and gamma > 0:
                 # drafts ahead are used when all gamma pass and the bonus guess matches, which
                 # is about as likely as one more acceptance
                 p_ahead = float(np.prod(alphas[:gamma])) * float(alphas[min(gamma, self.max_gamma - 1)])
-                t = pipelined_round_s(gamma, t_draft, wait, p_ahead)
+                out[gamma] = pipelined_round_s(gamma, t_draft, wait, p_ahead)
             else:
-                t = gamma * t_draft + wait
-            n = self._round_n[gamma]
-            t = (self._round_s[gamma] + self.model_weight * t) / (n + self.model_weight)
-            rates[gamma] = expected_tokens_per_round_positions(alphas[:gamma]) / max(t, 1e-9)
-        return rates
+                out[gamma] = gamma * t_draft + wait
+        return out
+
+    def calibration(self) -> float:
+        """Measured over modelled round time, over all recent rounds: the overheads the model
+        leaves out. Scaling the model by it keeps a gamma measured rarely from looking better
+        than the measured leader just because the model is optimistic."""
+        measured, modelled = self._cal
+        return measured / modelled if modelled > 0 else 1.0
+
+    def expected_rates(self) -> np.ndarray:
+        """Predicted committed tokens per second for every gamma in 0..max_gamma: the
+        calibrated model, blended per gamma with the round times measured there."""
+        alphas = self.alphas()
+        t = self.model_round_s() * self.calibration()
+        t = (self._round_s + self.model_weight * t) / (self._round_n + self.model_weight)
+        tokens = np.array([expected_tokens_per_round_positions(alphas[:g]) for g in range(self.max_gamma + 1)])
+        return tokens / np.maximum(t, 1e-9)
 
     def expected_rate(self, gamma: int) -> float:
         """Predicted committed tokens per second at this gamma."""
         return float(self.expected_rates()[gamma])
 
+    def _ready(self) -> bool:
+        return self._t_draft is not None and self._sums[0] >= 2
+
     def _pick(self, round_index: int) -> int:
         """The gamma for round `round_index`: the best predicted, or every `explore_every`
         rounds the best close call whose measurements are stale (see the module doc)."""
-        if self._t_draft is None or self._sums[0] < 2:
+        if not self._ready():
             return min(self.initial_gamma, self.max_gamma)
         rates = self.expected_rates()
         best = int(np.argmax(rates))
@@ -151,6 +171,9 @@ class GammaController:
     def observe(self, gamma: int, n_accepted: int, wait_s: float, round_s: float) -> None:
         """One round's outcome: accepted prefix length, time waited for the verdict, and
         the whole round's duration as the device lived it."""
+        self._cal *= self.decay
+        if self._ready():
+            self._cal += (round_s, self.model_round_s()[gamma])
         self._rounds += 1
         self._round_n *= self.decay
         self._round_s *= self.decay

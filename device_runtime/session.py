@@ -84,6 +84,11 @@ class GenerationStats:
     gammas: list[int] = field(default_factory=list)  # gamma of each round
     pipelined_kept: int = 0  # draft tokens prepared while waiting and used
     pipelined_discarded: int = 0
+    #: drafting the device waited for (in line, after the first round, whose draft includes
+    #: the prompt's prefill); of it, the drafts that followed a round whose drafts all
+    #: passed: what any draft-ahead pipeline could at best have hidden
+    draft_s: float = 0.0
+    hideable_draft_s: float = 0.0
     unverified_tokens: int = 0  # produced by the draft alone while the edge was lost
     fallback_events: int = 0
     reconnects: int = 0
@@ -455,6 +460,7 @@ class DeviceClient:
         round_no = 0
         slot = 0
         ahead: Draft | None = None  # the next round's draft, from pipelining
+        all_passed = False  # the last round's drafts were all accepted
         budget = CandidateBudget()
         while True:
             t_round = time.perf_counter()
@@ -469,8 +475,13 @@ class DeviceClient:
                 if ahead is not None:
                     stats.pipelined_discarded += len(ahead.ids)
                 d = self.drafter.draft(committed, gamma, config.sampling, rng, slot=slot)
-                if control is not None and round_no > 0:  # round 1 includes the prompt's prefill
-                    control.observe_draft(time.perf_counter() - t_round, gamma)
+                if round_no > 0:  # round 1 includes the prompt's prefill
+                    draft_s = time.perf_counter() - t_round
+                    stats.draft_s += draft_s
+                    if all_passed:
+                        stats.hideable_draft_s += draft_s
+                    if control is not None:
+                        control.observe_draft(draft_s, gamma)
             ahead = None
             msg = wire.Draft(
                 n_committed=len(committed),
@@ -538,6 +549,7 @@ class DeviceClient:
             else:
                 token = verdict.token
                 prefix = []
+            all_passed = j == gamma > 0
             new = d.ids[:j].tolist() + [token]
             committed.extend(new)
             round_s = time.perf_counter() - t_round

@@ -174,8 +174,6 @@ def test_controller_explores_close_calls_only_when_their_measurements_are_stale(
     _train(c, alpha=0.995, t_draft=0.001, wait=lambda g: 0.2 + 0.001 * g)
     tail = c.history[-100:]
     assert np.mean(np.array(tail) == 8) >= 0.9  # the top gamma wins clearly: few detours
-    rates = c.expected_rates()
-    close = [g for g in range(9) if g != 8 and rates[g] >= c.explore_margin * rates[8]]
-    assert set(tail) - {8} <= set(close)  # detours only to close calls
+    assert set(tail) <= {7, 8}  # detours only to the close call (gamma 6 is predicted ~20% slower)
     explored = sum(1 for g in tail if g != 8)
     assert explored <= 100 // c.explore_every  # at most one slot in explore_every, usually fewer
