@@ -31,6 +31,7 @@ from benchmarks.compare import (  # noqa: E402
     parse_sampling,
     run_compare,
 )
+from device_runtime.gamma import DEFAULT_MAX_GAMMA  # noqa: E402
 
 
 def _csv(s: str) -> list[str]:
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--profiles", type=_csv, default=list(PROFILES), help="comma list of profiles or MBPS/RTT_MS")
     a.add_argument("--sampling", default="greedy", help="greedy, t1, t1-k10 or t<T>[-k<K>][-p<P>]")
     a.add_argument("--gammas", type=_ints, default=tuple(range(1, 9)), help="fixed gammas to sweep")
+    a.add_argument("--auto-max-gamma", type=int, default=DEFAULT_MAX_GAMMA,
+                   help="largest gamma auto may choose (the runtime's default)")
     a.add_argument("--prompts", type=int, default=3, help="built-in prompts (one trial each)")
     a.add_argument("--tokens", type=int, default=64, help="max new tokens per generation")
     a.add_argument("--nopipe-rtt-ms", type=float, default=50.0,
@@ -166,7 +169,7 @@ def _models(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     target, draft = _models(args, args.out)
     cfg = CompareConfig(
-        target=target, draft=draft, out=args.out, gammas=args.gammas, prompts=args.prompts, runs=args.runs,
+        target=target, draft=draft, out=args.out, gammas=args.gammas, auto_max_gamma=args.auto_max_gamma, prompts=args.prompts, runs=args.runs,
         tokens=args.tokens, mode_tokens=args.mode_tokens, edge=args.edge, pipeline=not args.no_pipeline, warmup=not args.no_warmup,
         n_ctx=args.n_ctx, plots=not args.no_plots, progress=not args.no_progress, title=args.title,
     )

@@ -42,6 +42,7 @@ from benchmarks.compare import (
     edge_server,
 )
 from benchmarks.link import LinkEmulator, LinkProfile
+from device_runtime.gamma import DEFAULT_MAX_GAMMA
 from protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class AdaptiveConfig:
     profiles: list[LinkProfile] = field(default_factory=lambda: list(PROFILES.values()))
     sampling: tuple[str, SamplingParams] = ("greedy", SamplingParams(0.0))
     gammas: tuple[int, ...] = tuple(range(1, 9))
+    #: auto's range, 0..this (the runtime's default, wider than the sweep: auto may go
+    #: beyond the largest fixed gamma when that pays)
+    auto_max_gamma: int = DEFAULT_MAX_GAMMA
     prompts: int = 3
     tokens: int = 64
     nopipe_rtt_ms: float = 50.0
@@ -93,7 +97,7 @@ class AdaptiveConfig:
 
     @property
     def max_gamma(self) -> int:
-        return max(self.gammas)
+        return max(*self.gammas, self.auto_max_gamma)
 
     def variants(self, profile: LinkProfile) -> list[Variant]:
         out = [Variant("dssd", g, True) for g in self.gammas]
@@ -111,6 +115,7 @@ class AdaptiveConfig:
         return {
             "target": str(self.target), "drafts": {n: str(p) for n, p in self.drafts},
             "profiles": [p.name for p in self.profiles], "sampling": self.sampling[0], "gammas": list(self.gammas),
+            "auto_max_gamma": self.auto_max_gamma,
             "prompts": self.prompts, "tokens": self.tokens, "nopipe_rtt_ms": self.nopipe_rtt_ms, "edge": self.edge,
         }
 

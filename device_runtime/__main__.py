@@ -14,6 +14,7 @@ import signal
 import sys
 
 from device_runtime.drafter import LlamaDrafter
+from device_runtime.gamma import DEFAULT_MAX_GAMMA
 from device_runtime.session import MODES, DeviceClient, GenerationConfig
 from device_runtime.transport import EdgeError
 from protocol.sampling import SamplingParams
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
     p.add_argument("--gamma", default="auto",
                    help="draft tokens per round: 'auto' (adaptive, up to --max-gamma) or a number")
-    p.add_argument("--max-gamma", type=int, default=8, help="upper bound for --gamma auto")
+    p.add_argument("--max-gamma", type=int, default=DEFAULT_MAX_GAMMA, help="upper bound for --gamma auto")
     p.add_argument("--no-pipeline", action="store_true",
                    help="do not draft ahead while a verdict is in flight")
     p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")

@@ -44,9 +44,14 @@ import numpy as np
 from protocol.costmodel import expected_tokens_per_round_positions, pipelined_round_s
 
 
+#: --gamma auto ranges over 0..this by default: a draft that nearly always passes keeps
+#: paying beyond 8 (pipelined, its long drafts are mostly made during the wait)
+DEFAULT_MAX_GAMMA = 12
+
+
 @dataclass
 class GammaController:
-    max_gamma: int = 8
+    max_gamma: int = DEFAULT_MAX_GAMMA
     initial_gamma: int = 4
     decay: float = 0.94  # per round; ~16 rounds of memory (acceptance changes with the prompt)
     prior_alpha: float = 0.6

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from device_runtime.drafter import Draft, LlamaDrafter
-from device_runtime.gamma import GammaController
+from device_runtime.gamma import DEFAULT_MAX_GAMMA, GammaController
 from websockets.exceptions import WebSocketException
 
 from device_runtime.transport import EdgeError, EdgeLink
@@ -49,7 +49,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     downlink: str = "auto"
     #: None: adaptive gamma (GammaController) up to max_gamma; an int: fixed gamma.
-    max_gamma: int = 8
+    max_gamma: int = DEFAULT_MAX_GAMMA
     #: Keep drafting while a verdict is in flight (work kept when all drafts pass).
     pipeline: bool = True
     #: When the edge is lost: keep generating with the draft alone (tokens flagged as not

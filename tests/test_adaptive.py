@@ -48,8 +48,8 @@ def test_auto_gamma_and_pipelining_keep_greedy_exact(mode, pipeline, tiny_target
     # one controller learned across the three requests
     (control,) = client._controllers.values()
     assert control._rounds == sum(len(r.stats.gammas) for r in results)
-    assert client.gamma_controller(cfg, 8) is control
-    assert client.gamma_controller(GenerationConfig(mode=mode, sampling=GREEDY, pipeline=not pipeline), 8) is not control
+    assert client.gamma_controller(cfg, control.max_gamma) is control
+    assert client.gamma_controller(GenerationConfig(mode=mode, sampling=GREEDY, pipeline=not pipeline), control.max_gamma) is not control
     assert client.gamma_controller(GenerationConfig(mode=mode, gamma=4), 8) is None
 
 
