@@ -278,11 +278,11 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any
                            "target": AUTO_TARGET, **_check(_paired(sel, "auto", best), AUTO_TARGET),
                            "ratio_of_medians": medians["auto"] / medians[best]})
         best_nopipe = _best(medians, [f"{x}-nopipe" for x in fixed])
-        if best_nopipe:
+        if "auto" in medians and "auto-nopipe" in medians and rtt >= config.get("nopipe_rtt_ms", 50.0):
             checks.append({**base, "check": "pipelined / not, auto", "against": "auto-nopipe",
                            "target": PIPELINE_TARGET, **_check(_paired(sel, "auto", "auto-nopipe"), PIPELINE_TARGET),
                            "ratio_of_medians": medians["auto"] / medians["auto-nopipe"]})
-            if best:
+            if best and best_nopipe:
                 checks.append({**base, "check": f"pipelined / not, best fixed ({best} vs {best_nopipe})",
                                "against": best_nopipe, "target": PIPELINE_TARGET,
                                **_check(_paired(sel, best, best_nopipe), PIPELINE_TARGET),

@@ -129,6 +129,7 @@ def test_adaptive_analysis_pairs_trials_and_picks_the_best_fixed_gamma() -> None
         rows += [row("g1", t, 10 * scale), row("g2", t, 12 * scale), row("auto", t, 11.5 * scale),
                  row("auto-nopipe", t, 9 * scale), row("g1-nopipe", t, 8 * scale), row("g2-nopipe", t, 10 * scale),
                  row("edge-only", t, 11 * scale)]
+        rows[-4].update(wall_s=10.0, draft_s=2.0, hideable_draft_s=0.5)  # auto-nopipe's drafting
     result = analyse(rows, {"gammas": [1, 2], "sampling": "greedy"})
     checks = {c["check"]: c for c in result["checks"]}
     auto = checks["auto / best fixed gamma"]
@@ -137,4 +138,9 @@ def test_adaptive_analysis_pairs_trials_and_picks_the_best_fixed_gamma() -> None
     assert checks["pipelined / not, auto"]["median"] == pytest.approx(11.5 / 9) and checks["pipelined / not, auto"]["pass"]
     best = checks["pipelined / not, best fixed (g2 vs g2-nopipe)"]
     assert best["median"] == pytest.approx(1.2) and best["pass"] is True
+    # what a draft-ahead pipeline could at most save on auto-nopipe's runs
+    every = checks["pipelining ceiling: auto-nopipe with every draft hidden (context)"]
+    assert every["median"] == pytest.approx(10 / 8)
+    hideable = checks["pipelining ceiling: auto-nopipe with drafts after an all-pass round hidden (context)"]
+    assert hideable["median"] == pytest.approx(10 / 9.5)
     assert result["greedy_outputs_identical"] is True
