@@ -33,12 +33,10 @@ import csv
 import json
 import logging
 import os
-import re
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -247,23 +245,12 @@ class EdgeProcess:
         self.cmd = cmd
 
     def wait_ready(self, timeout: float = 300.0) -> str:
-        box: list[str] = []
+        from benchmarks.compare import wait_ready
 
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if "ready on" in line:
-                    box.append(line)
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not box:
-            raise RuntimeError(f"edge did not start: {' '.join(self.cmd)} (see {self._log.name})")
-        m = re.search(r"ready on (wss?://\S+)", box[0])
-        assert m is not None
-        self.url = m.group(1)
+        try:
+            self.url = wait_ready(self.proc, timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"edge did not start: {' '.join(self.cmd)} (see {self._log.name}): {exc}") from exc
         return self.url
 
     def scrape(self) -> dict[str, float]:

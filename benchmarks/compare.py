@@ -189,7 +189,7 @@ def edge_server(target: Path, *, how: str, log_path: Path | None, max_gamma: int
     err = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
-        url = _wait_ready(proc, timeout)
+        url = wait_ready(proc, timeout)
         yield url
     finally:
         proc.terminate()
@@ -202,7 +202,8 @@ def edge_server(target: Path, *, how: str, log_path: Path | None, max_gamma: int
             err.close()
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+    """The URL from an edge subprocess's ready line (killed if none comes in time)."""
     found: list[str] = []
 
     def read() -> None:
@@ -218,7 +219,7 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
     if not found:
         proc.kill()
         raise RuntimeError(f"the edge did not print its ready line within {timeout:.0f} s (exit {proc.poll()})")
-    m = re.search(r"ws://[\w.\-]+:\d+", found[0])
+    m = re.search(r"wss?://[\w.\-]+:\d+", found[0])
     if not m:
         raise RuntimeError(f"cannot parse the edge's ready line: {found[0]!r}")
     return m.group(0)
