@@ -352,10 +352,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], out: Path) -> Path | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from benchmarks.plots import plt, save_figure
     except ImportError:  # plots are optional
         return None
     summary = result["summary"]
@@ -381,11 +378,7 @@ def plot(result: dict[str, Any], out: Path) -> Path | None:
             if j == 0:
                 ax.set_ylabel("tokens/s (median)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "adaptive.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "adaptive.png")
 
 
 def write_outputs(result: dict[str, Any], rows: list[dict[str, Any]], out: Path, *, plots: bool = True) -> None:

@@ -301,10 +301,7 @@ def measure(edge: EdgeProcess, trace: Trace, n: int, device_s_per_token: float) 
 
 
 def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from benchmarks.plots import plt, save_figure
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode, style in (("on", "o-"), ("off", "s--")):
@@ -324,10 +321,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title=title, title_size=10, dpi=120)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,17 @@ MODE_ORDER = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
 MARKERS = "osD^v<>pPX*h"
 
 
+def save_figure(fig: Any, path: Path, *, title: str | None = None, title_size: float | None = None,
+                dpi: int = 110) -> Path:
+    """Title, layout, write and free a figure: every plot here ends the same way."""
+    if title:
+        fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _bw(v: Any) -> float:
     return math.inf if v in ("inf", None) else float(v)
 
@@ -72,11 +83,7 @@ def plot_tokens_per_s(result: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"sampling {samp}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Throughput per mode across links")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title="Throughput per mode across links")
 
 
 def plot_bytes_per_token(result: dict[str, Any], path: Path) -> Path:
@@ -106,11 +113,7 @@ def plot_bytes_per_token(result: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"sampling {samp}" + (f", γ={g}" if g else ""))
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Traffic per generated token")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title="Traffic per generated token")
 
 
 def _median_of(entries: list[dict[str, Any]], metric: str) -> float:
@@ -148,10 +151,7 @@ def plot_round_time(result: dict[str, Any], path: Path) -> Path:
     ax.set_title("Round time: measured vs cost model")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_paper_speedup(table: list[dict[str, Any]], path: Path) -> Path:
@@ -175,10 +175,7 @@ def plot_paper_speedup(table: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("speedup vs edge-only (tokens/s ratio)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_all(result: dict[str, Any], out: Path) -> list[Path]:
