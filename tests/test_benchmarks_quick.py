@@ -130,6 +130,8 @@ def test_adaptive_analysis_pairs_trials_and_picks_the_best_fixed_gamma() -> None
                  row("auto-nopipe", t, 9 * scale), row("g1-nopipe", t, 8 * scale), row("g2-nopipe", t, 10 * scale),
                  row("edge-only", t, 11 * scale)]
         rows[-4].update(wall_s=10.0, draft_s=2.0, hideable_draft_s=0.5)  # auto-nopipe's drafting
+        rows[-3].update(wall_s=10.0, draft_s=3.0, hideable_draft_s=2.0)  # g1-nopipe: 8 -> 10 tok/s at most
+        rows[-2].update(wall_s=10.0, draft_s=3.0, hideable_draft_s=1.0)  # g2-nopipe: 10 -> 11.1
     result = analyse(rows, {"gammas": [1, 2], "sampling": "greedy"})
     checks = {c["check"]: c for c in result["checks"]}
     auto = checks["auto / best fixed gamma"]
@@ -143,4 +145,6 @@ def test_adaptive_analysis_pairs_trials_and_picks_the_best_fixed_gamma() -> None
     assert every["median"] == pytest.approx(10 / 8)
     hideable = checks["pipelining ceiling: auto-nopipe with drafts after an all-pass round hidden (context)"]
     assert hideable["median"] == pytest.approx(10 / 9.5)
+    (best_ceiling,) = [c for name, c in checks.items() if name.startswith("pipelining ceiling: best fixed")]
+    assert best_ceiling["median"] == pytest.approx((10 / 9) / 1.0) and best_ceiling["min"] == best_ceiling["max"]
     assert result["greedy_outputs_identical"] is True
