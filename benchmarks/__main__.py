@@ -21,6 +21,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from benchmarks.compare import (  # noqa: E402
     ALL_MODES,
@@ -32,6 +33,9 @@ from benchmarks.compare import (  # noqa: E402
     run_compare,
 )
 from device_runtime.gamma import DEFAULT_MAX_GAMMA  # noqa: E402
+
+if TYPE_CHECKING:
+    from benchmarks.adaptive import AdaptiveConfig
 
 
 def _csv(s: str) -> list[str]:
@@ -169,7 +173,7 @@ def _models(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     target, draft = _models(args, args.out)
     cfg = CompareConfig(
-        target=target, draft=draft, out=args.out, gammas=args.gammas, auto_max_gamma=args.auto_max_gamma, prompts=args.prompts, runs=args.runs,
+        target=target, draft=draft, out=args.out, gammas=args.gammas, prompts=args.prompts, runs=args.runs,
         tokens=args.tokens, mode_tokens=args.mode_tokens, edge=args.edge, pipeline=not args.no_pipeline, warmup=not args.no_warmup,
         n_ctx=args.n_ctx, plots=not args.no_plots, progress=not args.no_progress, title=args.title,
     )
@@ -186,6 +190,32 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     return cfg
 
 
+def adaptive_config_from_args(args: argparse.Namespace) -> AdaptiveConfig:
+    from benchmarks.adaptive import AdaptiveConfig
+
+    if args.tiny:
+        from tests.fixtures.tiny_models import build_tiny_pair
+
+        pair = build_tiny_pair(args.out / "tiny_models")
+        target, drafts = pair.target_gguf, [("tiny", pair.draft_gguf)]
+    else:
+        from quantize.defaults import default_models
+
+        d = default_models()
+        known = {"q4_1": d.draft_q4_1_gguf, "q4_0": d.draft_q4_0_gguf}
+        target = args.target or d.target_gguf
+        drafts = [(x, Path(known.get(x, x))) for x in args.drafts]
+        for path in [target] + [p for _, p in drafts]:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} not found: run `python -m quantize prepare-default`")
+    return AdaptiveConfig(
+        target=Path(target), drafts=drafts, out=args.out, profiles=[parse_profile(s) for s in args.profiles],
+        sampling=parse_sampling(args.sampling), gammas=args.gammas, auto_max_gamma=args.auto_max_gamma,
+        prompts=args.prompts, tokens=args.tokens,
+        nopipe_rtt_ms=args.nopipe_rtt_ms, edge_only=not args.no_edge_only, edge=args.edge,
+        progress=not args.no_progress, plots=not args.no_plots)
+
+
 def _adaptive(args: argparse.Namespace) -> int:
     from benchmarks import adaptive
 
@@ -193,26 +223,7 @@ def _adaptive(args: argparse.Namespace) -> int:
         print(adaptive.markdown(adaptive.rebuild(args.report, plots=not args.no_plots)))
         return 0
     try:
-        if args.tiny:
-            from tests.fixtures.tiny_models import build_tiny_pair
-
-            pair = build_tiny_pair(args.out / "tiny_models")
-            target, drafts = pair.target_gguf, [("tiny", pair.draft_gguf)]
-        else:
-            from quantize.defaults import default_models
-
-            d = default_models()
-            known = {"q4_1": d.draft_q4_1_gguf, "q4_0": d.draft_q4_0_gguf}
-            target = args.target or d.target_gguf
-            drafts = [(x, Path(known.get(x, x))) for x in args.drafts]
-            for path in [target] + [p for _, p in drafts]:
-                if not Path(path).exists():
-                    raise FileNotFoundError(f"{path} not found: run `python -m quantize prepare-default`")
-        cfg = adaptive.AdaptiveConfig(
-            target=Path(target), drafts=drafts, out=args.out, profiles=[parse_profile(s) for s in args.profiles],
-            sampling=parse_sampling(args.sampling), gammas=args.gammas, prompts=args.prompts, tokens=args.tokens,
-            nopipe_rtt_ms=args.nopipe_rtt_ms, edge_only=not args.no_edge_only, edge=args.edge,
-            progress=not args.no_progress, plots=not args.no_plots)
+        cfg = adaptive_config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -93,6 +93,23 @@ def test_cli_help_and_argument_parsing(capsys) -> None:  # noqa: ANN001
         build_parser().parse_args(["compare", "--mode-tokens", "warp=3"])
 
 
+def test_cli_builds_each_commands_config(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    """Every flag reaches the config of its own command (and no other)."""
+    from benchmarks.__main__ import adaptive_config_from_args, config_from_args
+
+    models = ["--target", str(tiny_pair.target_gguf), "--draft", str(tiny_pair.draft_gguf)]
+    for cmd in ("compare", "quick"):
+        cfg = config_from_args(build_parser().parse_args([cmd, "--tiny", *models, "--gammas", "3",
+                                                          "--out", str(tmp_path / cmd)]))
+        assert cfg.gammas == (3,) and cfg.draft == tiny_pair.draft_gguf
+    args = build_parser().parse_args(["adaptive", "--target", str(tiny_pair.target_gguf), "--drafts",
+                                      str(tiny_pair.draft_gguf), "--gammas", "1,2", "--auto-max-gamma", "5",
+                                      "--out", str(tmp_path / "adaptive")])
+    cfg = adaptive_config_from_args(args)
+    assert (cfg.gammas, cfg.auto_max_gamma, cfg.max_gamma) == ((1, 2), 5, 5)
+    assert cfg.drafts == [(str(tiny_pair.draft_gguf), tiny_pair.draft_gguf)]
+
+
 def test_adaptive_sweep_end_to_end(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
     from benchmarks.adaptive import AdaptiveConfig, rebuild, run_adaptive
 
