@@ -153,22 +153,29 @@ class LlamaDrafter:
         *,
         slot: int = 0,
         keep_going: Callable[[np.ndarray], bool] | None = None,
+        start: int = 0,
     ) -> Draft:
         """Sample up to gamma tokens after `committed`, keeping each exact Q_i.
 
         `keep_going(ids_so_far)` is asked before each further token (pipelined drafting
         stops early when the verdict makes the work useless). Results live in buffer
         `slot` (0 or 1) until the next draft into the same slot.
+
+        `start` > 0 extends the draft already in `slot` (its first `start` tokens, drafted
+        after `committed`) to `gamma` tokens, in place: a draft made ahead that the next
+        round wants longer costs only the extra tokens, and no Q row is copied.
         """
         if gamma > self._q_rows.shape[1]:
             raise ValueError(f"gamma {gamma} exceeds the drafter's buffer of {self._q_rows.shape[1]}")
         if len(committed) + gamma > self.n_ctx:
             raise ValueError("draft would exceed the draft model's context")
+        if start < 0 or start and start >= gamma:
+            raise ValueError(f"start {start} must be in 0..gamma-1 (gamma {gamma})")
         ids, q_draft, q_rows = self._ids[slot], self._q_draft[slot], self._q_rows[slot]
-        logits = self._logits_after(committed)
-        n = 0
-        for i in range(gamma):
-            if i and keep_going is not None and not keep_going(ids[:i]):
+        logits = self._logits_after([*committed, *ids[:start].tolist()] if start else committed)
+        n = start
+        for i in range(start, gamma):
+            if i > start and keep_going is not None and not keep_going(ids[:i]):
                 break
             row = probabilities(logits, params, out=q_rows[i])
             tok = int(np.argmax(logits)) if params.greedy else sample(row, rng)

@@ -53,9 +53,12 @@ DEFAULT_MAX_GAMMA = 12
 class GammaController:
     max_gamma: int = DEFAULT_MAX_GAMMA
     initial_gamma: int = 4
-    decay: float = 0.94  # per round; ~16 rounds of memory (acceptance changes with the prompt)
+    decay: float = 0.97  # per round; ~33 rounds of memory (acceptance changes with the prompt)
     prior_alpha: float = 0.6
-    prior_weight: float = 2.0
+    #: how many (decayed) rounds of evidence a position's prior, the estimate of the
+    #: position before it, counts for: strong enough that one unlucky rejection at a
+    #: rarely reached position does not rule its gamma out for good
+    prior_weight: float = 8.0
     explore_every: int = 4
     #: candidates predicted within this fraction of the leader's rate are worth a look
     explore_margin: float = 0.9
@@ -173,24 +176,30 @@ class GammaController:
         is in flight: how many tokens a pipelined draft should prepare."""
         return self._pick(self._rounds + 1)
 
-    def observe(self, gamma: int, n_accepted: int, wait_s: float, round_s: float) -> None:
+    def observe(self, gamma: int, n_accepted: int, wait_s: float, round_s: float, *, timed: bool = True) -> None:
         """One round's outcome: accepted prefix length, time waited for the verdict, and
-        the whole round's duration as the device lived it."""
-        self._cal *= self.decay
-        if self._ready():
-            self._cal += (round_s, self.model_round_s()[gamma])
+        the whole round's duration as the device lived it.
+
+        `timed=False` for a request's first round: its wait includes the edge's prefill of
+        the prompt, which would make whatever gamma it played look slow (and tilt the wait
+        line) for a dozen rounds; only its acceptance is learned.
+        """
+        if timed:
+            self._cal *= self.decay
+            if self._ready():
+                self._cal += (round_s, self.model_round_s()[gamma])
+            self._round_n *= self.decay
+            self._round_s *= self.decay
+            self._round_n[gamma] += 1
+            self._round_s[gamma] += round_s
+            self._sums *= self.decay
+            self._sums += (1.0, gamma, gamma * gamma, wait_s, gamma * wait_s)
         self._rounds += 1
-        self._round_n *= self.decay
-        self._round_s *= self.decay
-        self._round_n[gamma] += 1
-        self._round_s[gamma] += round_s
         self._reached *= self.decay
         self._accepted *= self.decay
         reached = min(n_accepted + 1, gamma)  # positions 1..n_accepted+1 were tested
         self._reached[:reached] += 1
         self._accepted[:n_accepted] += 1
-        self._sums *= self.decay
-        self._sums += (1.0, gamma, gamma * gamma, wait_s, gamma * wait_s)
 
     def observe_draft(self, seconds: float, n_tokens: int) -> None:
         """Time to draft `n_tokens` after a short re-sync of the drafter's cache.

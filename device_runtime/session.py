@@ -466,7 +466,21 @@ class DeviceClient:
             t_round = time.perf_counter()
             remaining = config.max_new_tokens - len(out.ids) - 1
             gamma = min(control.choose() if control else max_gamma, remaining)
-            if ahead is not None and gamma > 0:
+            if ahead is not None and gamma > len(ahead.ids):
+                # the controller wants more than was drafted ahead (it explores, or grows
+                # during a run of full acceptances): draft only the rest, in line; cutting
+                # the round to the ahead length would keep auto from ever going longer
+                n_ahead = len(ahead.ids)
+                stats.pipelined_kept += n_ahead
+                # the ahead draft sits at 1.. in `slot`, after the bonus guess committed[-1]
+                d = self.drafter.draft(committed[:-1], gamma + 1, config.sampling, rng, slot=slot, start=n_ahead + 1)
+                d = Draft(d.ids[1:], d.q_draft[1:], d.q_rows[1:])
+                draft_s = time.perf_counter() - t_round
+                stats.draft_s += draft_s
+                stats.hideable_draft_s += draft_s
+                if control is not None:
+                    control.observe_draft(draft_s, gamma - n_ahead)
+            elif ahead is not None and gamma > 0:
                 d = Draft(ahead.ids[:gamma], ahead.q_draft[:gamma], ahead.q_rows[:gamma])
                 stats.pipelined_kept += len(d.ids)
                 stats.pipelined_discarded += len(ahead.ids) - len(d.ids)
@@ -555,8 +569,8 @@ class DeviceClient:
             round_s = time.perf_counter() - t_round
             stats.rounds.record_round(gamma, j, round_s)
             stats.gammas.append(gamma)
-            if control is not None:
-                control.observe(gamma, j, wait_s, round_s)
+            if control is not None:  # round 1's wait includes the prompt's prefill on the edge
+                control.observe(gamma, j, wait_s, round_s, timed=round_no > 1)
             if out.commit(new):
                 return
 

@@ -53,6 +53,47 @@ def test_auto_gamma_and_pipelining_keep_greedy_exact(mode, pipeline, tiny_target
     assert client.gamma_controller(GenerationConfig(mode=mode, gamma=4), 8) is None
 
 
+class _Scripted(GammaController):
+    """Plays a fixed script of gammas but plans a 1-token draft ahead: every full
+    acceptance is followed by a round that wants more than was drafted ahead."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(max_gamma=8, pipeline=True)
+        self.script = script
+
+    def _pick(self, round_index: int) -> int:
+        return self.script[round_index % len(self.script)]
+
+    def planned_next(self) -> int:
+        return 1
+
+
+def test_a_draft_made_ahead_is_extended_when_the_next_round_wants_more(tiny_target, tiny_edge, drafter):  # noqa: ANN001
+    prompt = drafter.tokenize("The cat sat on the", add_bos=False)
+    cfg = GenerationConfig(mode="dssd", max_new_tokens=60, sampling=GREEDY, gamma=None, pipeline=True)
+    client = DeviceClient(drafter, tiny_edge.url)
+    control = _Scripted([3, 5, 2, 6])
+    client._controllers[(cfg.mode, cfg.sampling, cfg.max_gamma, cfg.pipeline)] = control
+    (res,) = _run_all(client, [(prompt, cfg)])
+    assert res.ids == reference_greedy(tiny_target, prompt, 60)
+    assert res.stats.pipelined_kept > 0, "no draft made ahead was used"
+    # rounds after a kept 1-token draft ahead still played the scripted (longer) gamma
+    assert max(res.stats.gammas) == 6 and res.stats.gammas[:3] == [3, 5, 2]
+
+
+def test_extending_a_draft_in_place_equals_drafting_it_at_once(drafter):  # noqa: ANN001
+    committed = drafter.tokenize("Once upon a time", add_bos=False)
+    rng = np.random.default_rng(0)
+    whole = drafter.draft(committed, 6, GREEDY, rng, slot=0)
+    ids, rows = whole.ids.copy(), whole.q_rows.copy()
+    drafter.draft(committed, 2, GREEDY, rng, slot=1)
+    longer = drafter.draft(committed, 6, GREEDY, rng, slot=1, start=2)
+    assert longer.ids.tolist() == ids.tolist()
+    np.testing.assert_allclose(longer.q_rows, rows, atol=1e-6)
+    with pytest.raises(ValueError):
+        drafter.draft(committed, 2, GREEDY, rng, slot=1, start=2)
+
+
 def _exact_prefix_law(target, prompt_ids: list[int], params: SamplingParams, depth: int) -> dict:  # noqa: ANN001
     """The target's exact law of the first `depth` sampled tokens."""
     seq = target.new_sequence()
@@ -177,3 +218,17 @@ def test_controller_explores_close_calls_only_when_their_measurements_are_stale(
     assert set(tail) <= {7, 8}  # detours only to the close call (gamma 6 is predicted ~20% slower)
     explored = sum(1 for g in tail if g != 8)
     assert explored <= 100 // c.explore_every  # at most one slot in explore_every, usually fewer
+
+
+def test_a_requests_first_round_teaches_acceptance_but_not_timing() -> None:
+    """Round 1's wait includes the edge's prefill of the prompt: timing it would make the
+    gamma it played look slow for many rounds."""
+    c = GammaController(max_gamma=8)
+    _train(c, alpha=0.8, t_draft=0.01, wait=lambda g: 0.1 + 0.01 * g)
+    before = (c.wait_line(), c._round_n.copy(), c._round_s.copy(), c.calibration())
+    reached = c._reached.copy()
+    c.observe(4, 4, 5.0, 5.0, timed=False)
+    assert c.wait_line() == before[0] and c.calibration() == before[3]
+    np.testing.assert_array_equal(c._round_n, before[1])
+    np.testing.assert_array_equal(c._round_s, before[2])
+    assert c._reached[3] > reached[3] * c.decay  # acceptance was still learned
