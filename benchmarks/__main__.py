@@ -4,6 +4,7 @@ compare  the link profiles x modes x gammas x sampling sweep (modest defaults; f
 paper    the paper's grid (gamma x RTT x bandwidth, T 1, top-k 10) as a Table-2-shaped table
 report   recompute summaries and plots from an earlier (or interrupted) run's directory
 adaptive --gamma auto and pipelining against every fixed gamma, per draft and link
+replay   the gamma controller replayed offline on real acceptance traces (seconds)
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -143,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true")
     a.add_argument("-v", "--verbose", action="store_true")
 
+    r = sub.add_parser("replay", help="the gamma controller on recorded acceptance, offline (seconds)",
+                       description="Replays GammaController against every fixed gamma on the default "
+                                   "pair's greedy acceptance traces under a fitted timing model "
+                                   "(benchmarks/replay.py); builds the traces first if missing.")
+    r.add_argument("--traces", type=Path, default=Path("bench-results/replay/traces.json"),
+                   help="acceptance traces (JSON; built from the default pair when missing, ~5 min)")
+    r.add_argument("--tokens", type=int, default=64, help="tokens per replayed request")
+    r.add_argument("--seeds", type=int, default=10, help="simulated records per (draft, profile)")
+    r.add_argument("--noise", type=float, default=0.08, help="sigma of log-normal timing noise")
+    r.add_argument("--max-gamma", type=int, default=DEFAULT_MAX_GAMMA, help="auto's range 0..this")
+    r.add_argument("--no-progress", action="store_true")
+
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
     _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
@@ -248,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "adaptive":
         return _adaptive(args)
+    if args.command == "replay":
+        from benchmarks import replay
+
+        return replay.main(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
