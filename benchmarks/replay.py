@@ -135,11 +135,12 @@ def compare(
     controller = make_controller()
     replay(warmup, tokens, timing, rng, controller=controller)
     fixed = {g: [replay(t, tokens, timing, rng, gamma=g)[0] for t in trials] for g in gammas}
-    auto = [replay(t, tokens, timing, rng, controller=controller)[0] for t in trials]
+    runs = [replay(t, tokens, timing, rng, controller=controller) for t in trials]
+    auto = [rate for rate, _ in runs]
     best = max(gammas, key=lambda g: statistics.median(fixed[g]))
     ratios = [a / b for a, b in zip(auto, fixed[best])]
     return {"ratio": statistics.median(ratios), "best_gamma": best,
-            "mean_gamma": statistics.fmean(controller.history[-len(trials) * tokens:])}
+            "mean_gamma": statistics.fmean(g for _, gs in runs for g in gs)}
 
 
 def build_traces(target_path: Path, drafts: dict[str, Path], n_prompts: int, positions: int,

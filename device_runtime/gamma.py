@@ -7,13 +7,16 @@ slower"). The controller learns, online and with exponential forgetting:
 - the draft cost per token on this device (from drafts made in line and from pipelined
   ones, never from a request's first round, which includes the prompt's prefill);
 - the wait for a verdict as a line in gamma, wait(g) = c0 + c1 * g, which folds RTT, the
-  edge's verify time and the bytes on the link (large c1 for DSD's full Q rows).
+  edge's verify time and the bytes on the link (large c1 for DSD's full Q rows); like the
+  round times below, never from a request's first round (its wait includes the edge's
+  prefill of the prompt), which teaches acceptance only.
 It then picks argmax_g E[tokens | g] / round_time(g) over 0..max_gamma, with E from
 `protocol.costmodel`; round_time(g) is g * t_draft + wait(g), or with pipelining the
 expected time when the next draft is made during the wait whenever all g drafts and the
 bonus guess pass (a draft that nearly always passes then costs almost nothing, however
-long). `planned_next` tells the pipelined drafter how many tokens to prepare. Gamma 0 (the edge decides one
-token per round) wins when drafting does not pay.
+long). `planned_next` tells the pipelined drafter how many tokens to prepare (when the
+next `choose` wants more, the device drafts the rest in line). Gamma 0 (the edge decides
+one token per round) wins when drafting does not pay.
 
 Exploration is a close-call check, not a fixed tax: every few rounds it plays the best
 of the gammas predicted within `explore_margin` of the leader whose measurements have
