@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pair's greedy acceptance traces under a fitted timing model "
                                    "(benchmarks/replay.py); builds the traces first if missing.")
     r.add_argument("--traces", type=Path, default=Path("bench-results/replay/traces.json"),
-                   help="acceptance traces (JSON; built from the default pair when missing, ~5 min)")
+                   help="acceptance traces (JSON; built from the default pair when missing, ~9 min)")
     r.add_argument("--tokens", type=int, default=64, help="tokens per replayed request")
     r.add_argument("--seeds", type=int, default=10, help="simulated records per (draft, profile)")
     r.add_argument("--noise", type=float, default=0.08, help="sigma of log-normal timing noise")

@@ -4,7 +4,7 @@ A record of `benchmarks adaptive` takes 70 minutes and its auto/best-fixed ratio
 several percent from run to run, so it cannot tell two controller settings apart. This
 replays the real `GammaController` on real acceptance instead, under a timing model:
 
-- **Traces** (`--traces`, built once when missing, ~5 minutes): for each built-in prompt
+- **Traces** (`--traces`, built once when missing, ~9 minutes): for each built-in prompt
   and each draft, the target's greedy continuation (transformers, the edge's loader) and,
   at every position t of it, how many of the draft's greedy tokens after that prefix agree
   with it (`run[t]`). In greedy mode that fixes every round's outcome for any policy: a
@@ -14,7 +14,7 @@ replays the real `GammaController` on real acceptance instead, under a timing mo
   per-round overhead, the link's RTT, the prompt's prefill in round 1, the slow-down of a
   co-located edge while the device drafts ahead, and log-normal noise. The defaults were
   fitted to the fixed-gamma medians of the adaptive record at 207a2b0 (the curves over
-  gamma agree within ~10 %, and the optimum lands on the same gammas).
+  gamma agree within 13 %, and the optimum lands on the same gammas).
 - **Replay** (`replay`) follows `DeviceClient`'s round loop: the controller chooses,
   a draft made ahead is used or extended, the next one is planned, and the controller
   observes what the device would have measured (round 1 untimed).
@@ -33,12 +33,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from device_runtime.gamma import DEFAULT_MAX_GAMMA, GammaController
+from benchmarks.compare import PROFILES
+from device_runtime.gamma import GammaController
 
 #: per-token draft time measured alone on this machine (llama.cpp, one thread)
 DRAFT_S = {"q4_0": 0.014, "q4_1": 0.017}
 #: the adaptive benchmark's link profiles, by RTT (bandwidth is not modelled)
-RTTS = {"1mbps-50ms": 0.050, "10mbps-20ms": 0.020, "100mbps-5ms": 0.005, "loopback": 0.0}
+RTTS = {name: profile.rtt_s for name, profile in PROFILES.items()}
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,10 @@ def replay(
         g = min(controller.choose() if controller else gamma, max(remaining, 0))  # type: ignore[type-var]
         start = clock
         first = not gammas
-        if ahead and g > ahead:  # extend the draft made ahead, in line
-            inline = (g - ahead) * timing.draft_s * rng.lognormal(0, timing.noise)
-        elif ahead and g > 0:
-            g, inline = min(g, ahead), 0.0
-        else:
-            inline = g * timing.draft_s * rng.lognormal(0, timing.noise)
-        if controller and inline > 0 and not first:
-            controller.observe_draft(inline, g - ahead if ahead and g > ahead else g)
+        fresh = max(g - ahead, 0) if ahead and g > 0 else g  # drafted in line (extending the ahead draft)
+        inline = fresh * timing.draft_s * rng.lognormal(0, timing.noise) if fresh else 0.0
+        if controller and fresh and not first:
+            controller.observe_draft(inline, fresh)
         ahead = 0
         clock += inline
         verify = timing.verify(g) * rng.lognormal(0, timing.noise)

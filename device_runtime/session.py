@@ -466,36 +466,35 @@ class DeviceClient:
             t_round = time.perf_counter()
             remaining = config.max_new_tokens - len(out.ids) - 1
             gamma = min(control.choose() if control else max_gamma, remaining)
-            if ahead is not None and gamma > len(ahead.ids):
-                # the controller wants more than was drafted ahead (it explores, or grows
-                # during a run of full acceptances): draft only the rest, in line; cutting
-                # the round to the ahead length would keep auto from ever going longer
+            inline: int | None  # tokens drafted in line this round; None: all made ahead
+            if ahead is not None and gamma > 0:
                 n_ahead = len(ahead.ids)
-                stats.pipelined_kept += n_ahead
-                # the ahead draft sits at 1.. in `slot`, after the bonus guess committed[-1]
-                d = self.drafter.draft(committed[:-1], gamma + 1, config.sampling, rng, slot=slot, start=n_ahead + 1)
-                d = Draft(d.ids[1:], d.q_draft[1:], d.q_rows[1:])
-                draft_s = time.perf_counter() - t_round
-                stats.draft_s += draft_s
-                stats.hideable_draft_s += draft_s
-                if control is not None:
-                    control.observe_draft(draft_s, gamma - n_ahead)
-            elif ahead is not None and gamma > 0:
-                d = Draft(ahead.ids[:gamma], ahead.q_draft[:gamma], ahead.q_rows[:gamma])
-                stats.pipelined_kept += len(d.ids)
-                stats.pipelined_discarded += len(ahead.ids) - len(d.ids)
-                gamma = len(d.ids)
+                stats.pipelined_kept += min(gamma, n_ahead)
+                stats.pipelined_discarded += max(n_ahead - gamma, 0)
+                if gamma <= n_ahead:
+                    d = Draft(ahead.ids[:gamma], ahead.q_draft[:gamma], ahead.q_rows[:gamma])
+                    inline = None
+                else:
+                    # the controller wants more than was drafted ahead (it explores, or grows
+                    # during a run of full acceptances): draft only the rest; cutting the
+                    # round to the ahead length would keep auto from ever going longer. The
+                    # ahead draft sits at 1.. in `slot`, after the bonus guess committed[-1]
+                    d = self.drafter.draft(committed[:-1], gamma + 1, config.sampling, rng, slot=slot,
+                                           start=n_ahead + 1)
+                    d = Draft(d.ids[1:], d.q_draft[1:], d.q_rows[1:])
+                    inline = gamma - n_ahead
             else:
                 if ahead is not None:
                     stats.pipelined_discarded += len(ahead.ids)
                 d = self.drafter.draft(committed, gamma, config.sampling, rng, slot=slot)
-                if round_no > 0:  # round 1 includes the prompt's prefill
-                    draft_s = time.perf_counter() - t_round
-                    stats.draft_s += draft_s
-                    if all_passed:
-                        stats.hideable_draft_s += draft_s
-                    if control is not None:
-                        control.observe_draft(draft_s, gamma)
+                inline = gamma
+            if inline is not None and round_no > 0:  # round 1 includes the prompt's prefill
+                draft_s = time.perf_counter() - t_round
+                stats.draft_s += draft_s
+                if all_passed:
+                    stats.hideable_draft_s += draft_s
+                if control is not None:
+                    control.observe_draft(draft_s, inline)
             ahead = None
             msg = wire.Draft(
                 n_committed=len(committed),

@@ -77,8 +77,10 @@ def test_a_draft_made_ahead_is_extended_when_the_next_round_wants_more(tiny_targ
     (res,) = _run_all(client, [(prompt, cfg)])
     assert res.ids == reference_greedy(tiny_target, prompt, 60)
     assert res.stats.pipelined_kept > 0, "no draft made ahead was used"
-    # rounds after a kept 1-token draft ahead still played the scripted (longer) gamma
-    assert max(res.stats.gammas) == 6 and res.stats.gammas[:3] == [3, 5, 2]
+    # every round, also those after a kept 1-token draft ahead, played its scripted gamma
+    # (only the last rounds may be cut to the tokens left)
+    played = res.stats.gammas
+    assert all(g == control.script[i % 4] for i, g in enumerate(played[:-2])), played
 
 
 def test_extending_a_draft_in_place_equals_drafting_it_at_once(drafter):  # noqa: ANN001

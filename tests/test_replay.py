@@ -36,10 +36,15 @@ def test_the_controller_drafts_long_on_a_draft_that_always_passes() -> None:
 
 
 def test_compare_pairs_auto_with_the_best_fixed_gamma() -> None:
-    traces = [[3] * 80, [5] * 80, [4] * 80]
-    out = compare(traces, EXACT, lambda: GammaController(12, pipeline=True))
-    assert 1 <= out["best_gamma"] <= 8
-    assert 0.5 < out["ratio"] < 1.5
+    """Every draft agrees for exactly 3 tokens: g3 (all pass + bonus) is the best fixed
+    gamma, and auto finds it; a draft that always agrees lets auto go past the sweep's 8."""
+    def make() -> GammaController:
+        return GammaController(12, pipeline=True)
+
+    short = compare([[3] * 80] * 3, EXACT, make)
+    assert short["best_gamma"] == 3 and abs(short["mean_gamma"] - 3) < 0.5 and short["ratio"] > 0.9
+    long = compare([[14] * 80] * 3, EXACT, make)
+    assert long["best_gamma"] == 8 and long["mean_gamma"] > 8 and long["ratio"] > 1.0
 
 
 def test_cli_replays_given_traces(tmp_path, capsys) -> None:  # noqa: ANN001
