@@ -1,6 +1,12 @@
 """`python -m device_runtime`: generate with a local draft model and a remote edge.
 
 `python -m device_runtime serve ...` runs the OpenAI-compatible HTTP server instead.
+
+Exit status: 0 when every token was verified by the target; 1 on an error (the edge
+could not be reached or refused, the request was refused, the connection was lost);
+2 on a usage error; 3 when the output contains tokens the target did not verify (only
+possible with --fallback). Unverified text is written between UNVERIFIED_OPEN and
+UNVERIFIED_CLOSE on stdout.
 """
 from __future__ import annotations
 
@@ -18,6 +24,20 @@ from device_runtime.gamma import DEFAULT_MAX_GAMMA
 from device_runtime.session import MODES, DeviceClient, GenerationConfig
 from device_runtime.transport import EdgeError
 from protocol.sampling import SamplingParams
+from protocol.wire import WireError
+
+#: Exit statuses (documented in the module docstring, --help and the README).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNVERIFIED = 0, 1, 2, 3
+#: Brackets around text the target did not verify (fallback), in the stdout stream.
+UNVERIFIED_OPEN, UNVERIFIED_CLOSE = "\u27e6", "\u27e7"
+_EPILOG = (f"exit status: {EXIT_OK} all tokens verified by the target, {EXIT_ERROR} error, {EXIT_USAGE} usage, "
+           f"{EXIT_UNVERIFIED} output contains unverified tokens (--fallback; written between "
+           f"{UNVERIFIED_OPEN} and {UNVERIFIED_CLOSE})")
+
+
+def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context that trusts `ca_file` (None: the system's CAs)."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m device_runtime",
         description="Device half of DSSD: draft with a GGUF model, verify on the edge.",
+        epilog=_EPILOG,
     )
     p.add_argument("--edge", default="ws://127.0.0.1:8765", help="edge URL (ws://HOST:PORT)")
     p.add_argument("--model", default=None,
@@ -48,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--downlink", choices=("auto", "full", "support", "candidates"), default="auto",
                    help="how P_j comes down after a rejection in dssd (all exact)")
-    p.add_argument("--no-fallback", action="store_true",
-                   help="fail when the edge is lost instead of continuing with the draft alone")
+    p.add_argument("--fallback", action="store_true",
+                   help="when an edge that accepted this request is lost mid-generation, continue with the "
+                        "draft alone (marked unverified, exit status 3) instead of failing")
     p.add_argument("--round-timeout", type=float, default=30.0, help="seconds to wait for a verdict")
     p.add_argument("--token", default=os.environ.get("DSSD_EDGE_TOKEN", ""),
                    help="access token for the edge (default: $DSSD_EDGE_TOKEN)")
@@ -85,27 +107,46 @@ async def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         downlink=args.downlink,
-        fallback=not args.no_fallback,
+        fallback=args.fallback,
         round_timeout_s=args.round_timeout,
     )
-    ssl_context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
     client = DeviceClient(drafter, None if args.mode == "device-only" else args.edge,
-                          auth_token=args.token, ssl_context=ssl_context)
+                          auth_token=args.token, ssl_context=ssl_context_for(args.ca_file))
+    in_unverified = False
+
+    def show(ids: list[int], text: str, verified: bool) -> None:
+        nonlocal in_unverified
+        if args.json:
+            return
+        if verified == in_unverified:  # entering or leaving a run of unverified text
+            sys.stdout.write(UNVERIFIED_CLOSE if in_unverified else UNVERIFIED_OPEN)
+            in_unverified = not verified
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     try:
-        if args.chat is None:
+        if args.mode != "device-only":
+            await client.connect()  # a misconfigured edge fails here, before any output
+        if args.chat is None and not args.json:
             sys.stdout.write(args.prompt)
-        result = await client.generate(
-            prompt_ids, config, on_tokens=lambda ids, text, verified: (sys.stdout.write(text), sys.stdout.flush())
-        )
+        result = await client.generate(prompt_ids, config, on_tokens=show)
     finally:
         await client.close()
         drafter.close()
-    sys.stdout.write("\n")
     if args.json:
-        print(json.dumps(result.stats.as_dict(), indent=2))
+        doc = {"text": result.text, "ids": result.ids, "verified": result.verified, "exact": result.exact,
+               "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}
+        print(json.dumps(doc, indent=2))
     else:
+        if in_unverified:
+            sys.stdout.write(UNVERIFIED_CLOSE)
+        sys.stdout.write("\n")
         print(f"[{result.finish_reason}] " + result.stats.summary(), file=sys.stderr)
-    return 0
+    if not result.exact:
+        print(f"warning: {result.stats.unverified_tokens} of {len(result.ids)} tokens were NOT verified by "
+              f"the target (draft alone while the edge was lost); exit status {EXIT_UNVERIFIED}", file=sys.stderr)
+        return EXIT_UNVERIFIED
+    return EXIT_OK
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -129,6 +170,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    "requests queue)")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     p.add_argument("--max-gamma", type=int, default=16, help="largest gamma a request may ask for")
+    p.add_argument("--token", default=os.environ.get("DSSD_EDGE_TOKEN", ""),
+                   help="access token for the edge (default: $DSSD_EDGE_TOKEN)")
+    p.add_argument("--ca-file", default=None, help="CA certificate (PEM) to trust for a wss:// edge")
+    p.add_argument("--fallback", action="store_true",
+                   help="when the edge is lost mid-generation, continue with the draft alone; such chunks "
+                        "carry dssd.verified = false")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--n-gpu-layers", type=int, default=0,
                    help="draft layers to offload to a GPU (Jetson; -1 = all) when llama.cpp has GPU support")
@@ -148,7 +195,9 @@ def serve_main(argv: list[str]) -> int:
     try:
         rt = DeviceRuntime(args.model or default_models().draft_q4_0_gguf, args.edge or None,
                            n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=args.max_gamma,
-                           n_gpu_layers=args.n_gpu_layers, parallel=args.parallel, max_queue=args.max_queue, model_name=args.model_name)
+                           n_gpu_layers=args.n_gpu_layers, parallel=args.parallel, max_queue=args.max_queue,
+                           model_name=args.model_name, auth_token=args.token, ca_file=args.ca_file,
+                           fallback=args.fallback)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -182,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(_run(args))
-    except (EdgeError, ConnectionError, OSError, ValueError) as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return 1
+    except (EdgeError, ConnectionError, OSError, ValueError, WireError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import queue
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,13 @@ class Completion:
     mode: str
     queue_s: float = 0.0  # time spent waiting for a free slot
     target_model: str = ""  # the edge's model name ("" in device-only mode)
+    #: per token: verified by the target (False only for fallback tokens; see `fallback`)
+    verified: list[bool] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """True when every token was verified by the target (no fallback)."""
+        return all(self.verified)
 
     @property
     def completion_tokens(self) -> int:
@@ -125,7 +133,10 @@ class Completion:
             finish_reason=self.finish_reason,
             queue_s=round(self.queue_s, 6),
             target_model=self.target_model,
+            exact=self.exact,
         )
+        if not self.exact:
+            d["verified"] = list(self.verified)
         for k in ("wall_s", "ttft_s"):
             if isinstance(d.get(k), float):
                 d[k] = round(d[k], 6)
@@ -232,9 +243,11 @@ def _check_options(
 
 
 class _Slot:
-    def __init__(self, drafter: LlamaDrafter, edge_url: str | None, name: str) -> None:
+    def __init__(self, drafter: LlamaDrafter, edge_url: str | None, name: str, auth_token: str,
+                 ssl_context: "ssl.SSLContext | None") -> None:
         self.drafter = drafter
-        self.client = DeviceClient(drafter, edge_url, client_name=name)
+        self.client = DeviceClient(drafter, edge_url, client_name=name, auth_token=auth_token,
+                                   ssl_context=ssl_context)
 
     async def reset(self) -> None:
         """Drop the edge connection (after an error or a cancel mid-request); reopened lazily."""
@@ -254,7 +267,9 @@ class DeviceRuntime:
     parallel: number of slots (each loads its own llama.cpp context); requests beyond
     that wait FIFO, at most `max_queue` of them. n_ctx, n_threads, max_gamma,
     f32_kv_cache and n_gpu_layers go to `LlamaDrafter`. `drafters=` passes ready drafters instead of a path
-    (they are not closed by the runtime).
+    (they are not closed by the runtime). `auth_token` is presented to the edge in the
+    Hello; a wss:// edge is verified against `ca_file` (PEM) or `ssl_context` (default:
+    the system's CAs).
     """
 
     def __init__(
@@ -273,7 +288,14 @@ class DeviceRuntime:
         model_name: str | None = None,
         fallback: bool = False,
         n_gpu_layers: int = 0,
+        auth_token: str = "",
+        ca_file: str | Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if ca_file is not None and ssl_context is not None:
+            raise ValueError("pass ca_file or ssl_context, not both")
+        if ca_file is not None:
+            ssl_context = ssl.create_default_context(cafile=str(ca_file))
         #: Keep generating with the draft alone when the edge is lost (pieces flagged
         #: verified=False); off by default so an API answer is always the target's.
         self.fallback = fallback
@@ -305,7 +327,7 @@ class DeviceRuntime:
         # the drafter's buffers hold max_gamma + 1 rows; draft() accepts gamma up to that
         self.max_gamma = min(d.max_gamma for d in self._drafters)
         self.max_queue = max_queue
-        self._slots = [_Slot(d, self.edge_url, client_name) for d in self._drafters]
+        self._slots = [_Slot(d, self.edge_url, client_name, auth_token, ssl_context) for d in self._drafters]
         self._pending: set[concurrent.futures.Future] = set()
         self._running = 0
         self._counters = dict.fromkeys((
@@ -540,6 +562,7 @@ class DeviceRuntime:
                     text=result.text, ids=list(result.ids), finish_reason=result.finish_reason,
                     prompt_tokens=len(prompt_ids), stats=result.stats, seed=spec.seed,
                     gamma=spec.gamma, mode=spec.mode, queue_s=queue_s, target_model=target,
+                    verified=list(result.verified),
                 )))
             finally:
                 with self._lock:

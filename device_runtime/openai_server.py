@@ -394,12 +394,15 @@ class OpenAIServer:
         try:
             if chat:
                 await send(chunk({"role": "assistant", "content": ""}, None))
-            if first is not None and first.text:
-                await send(chunk({"content": first.text} if chat else first.text, None))
+            async def send_piece(piece: Piece) -> None:
+                if piece.text:  # text the target did not verify (fallback) says so in its chunk
+                    extra = {} if piece.verified else {"dssd": {"verified": False}}
+                    await send(chunk({"content": piece.text} if chat else piece.text, None, **extra))
+
             if first is not None:
+                await send_piece(first)
                 async for piece in pieces:
-                    if piece.text:
-                        await send(chunk({"content": piece.text} if chat else piece.text, None))
+                    await send_piece(piece)
             res = s.result
             assert res is not None
             await send(chunk({} if chat else "", _finish(res), dssd=res.stats_dict()))

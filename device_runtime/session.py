@@ -16,12 +16,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from device_runtime.drafter import Draft, LlamaDrafter
-from device_runtime.gamma import DEFAULT_MAX_GAMMA, GammaController
 from websockets.exceptions import WebSocketException
 
-from device_runtime.transport import EdgeError, EdgeLink
+from device_runtime.drafter import Draft, LlamaDrafter
+from device_runtime.gamma import DEFAULT_MAX_GAMMA, GammaController
+from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
 from protocol import wire
+from protocol.checks import check_tokens, check_verdict
 from protocol.downlink import CandidateBudget, next_request_size, resample_from_verdict
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
@@ -34,9 +35,15 @@ MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
 #: on_tokens(ids, text, verified): committed ids, the text now safe to show, and whether
 #: the target verified them (False for fallback tokens from the draft alone).
 TokenCallback = Callable[[list[int], str, bool], None]
-#: Edge errors that mean "the edge is gone for now", not "this request is wrong".
 _STOP = object()  # tells a pipelined draft to stop
+#: Edge errors that mean "the edge is gone for now", not "this request is wrong": worth a
+#: reconnection once the request has run on the edge. AUTH, VOCAB_MISMATCH, VERSION,
+#: LIMIT, ... never heal by retrying; an INTERNAL is retried once, a second one is final.
 TRANSIENT_EDGE_ERRORS = (wire.ErrorCode.BUSY, wire.ErrorCode.SHUTDOWN, wire.ErrorCode.INTERNAL)
+
+
+class EdgeLost(ConnectionError):
+    """The edge was lost mid-request and could not be reached again (fallback off)."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,13 @@ class GenerationConfig:
     max_gamma: int = DEFAULT_MAX_GAMMA
     #: Keep drafting while a verdict is in flight (work kept when all drafts pass).
     pipeline: bool = True
-    #: When the edge is lost: keep generating with the draft alone (tokens flagged as not
-    #: verified) and resume exact decoding on reconnection; False raises instead.
-    fallback: bool = True
+    #: Opt-in continuity: when an edge that accepted this request's Hello is lost and one
+    #: immediate reconnection fails, keep generating with the draft alone (tokens flagged
+    #: as not verified) and resume exact decoding on reconnection. False (the default)
+    #: raises `EdgeLost` instead. An edge never reached is always an error.
+    fallback: bool = False
+    #: Candidates asked for per rejection with the candidates downlink; None: adaptive.
+    n_candidates: int | None = None
     #: A verdict that takes longer than this counts as a lost edge.
     round_timeout_s: float = 30.0
     max_backoff_s: float = 8.0
@@ -68,6 +79,8 @@ class GenerationConfig:
             raise ValueError("gamma must be >= 0 (or None for adaptive)")
         if not 0 <= self.seed < 2**63:
             raise ValueError("seed must be in [0, 2^63)")
+        if self.n_candidates is not None and not 1 <= self.n_candidates <= 255:
+            raise ValueError("n_candidates must be in [1, 255] (or None for adaptive)")
 
 
 @dataclass
@@ -340,8 +353,14 @@ class DeviceClient:
         stats: GenerationStats,
         rng: np.random.Generator,
     ) -> None:
-        """Run the request on the edge; on a lost edge retry once at once, then fall back to
-        the draft alone (flagged) with reconnection attempts under exponential backoff.
+        """Run the request on the edge, resuming exactly after a lost connection.
+
+        An edge that never accepted this request's Hello (refused, DNS, TLS, wrong
+        scheme, AUTH, VOCAB_MISMATCH, VERSION, BUSY) is a configuration error: it raises
+        at once, before any token. Once the request ran on the edge, a lost connection
+        (or BUSY / SHUTDOWN / a first INTERNAL) is retried at once; if that fails too it
+        raises `EdgeLost`, or with `config.fallback` generates with the draft alone
+        (flagged) while reconnecting under exponential backoff.
 
         A resumed request restarts on the edge from everything committed so far (the edge
         prefills it), so no committed token is lost or duplicated; it gets a fresh seed,
@@ -350,30 +369,43 @@ class DeviceClient:
         backoff = 0.25
         attempt = 0
         retried = False
+        reached = False  # an edge accepted our Hello during this request
+        internal_errors = 0
         while not out.finish_reason:
             link = None
             try:
                 link = await self.connect()
+                reached = True
                 if attempt:
                     stats.reconnects += 1
                 await self._request(link, prompt, config, out, stats, rng, attempt)
                 return
             except (ConnectionError, OSError, asyncio.TimeoutError, WebSocketException, EdgeError) as exc:
-                if isinstance(exc, EdgeError) and exc.code not in TRANSIENT_EDGE_ERRORS:
-                    raise
                 if link is not None:
                     stats.bytes_up += link.bytes_up
                     stats.bytes_down += link.bytes_down
                 await self.close()
-                if not config.fallback:
-                    raise ConnectionError(f"lost the edge: {exc}") from exc
+                if isinstance(exc, EdgeError):
+                    internal_errors += exc.code == wire.ErrorCode.INTERNAL
+                    if exc.code not in TRANSIENT_EDGE_ERRORS or internal_errors > 1:
+                        raise
+                if not reached:
+                    if isinstance(exc, EdgeError):
+                        raise
+                    raise EdgeUnreachable(self.edge_url or "", f"{type(exc).__name__}: {exc}", permanent=False) \
+                        if not isinstance(exc, EdgeUnreachable) else exc
+                if isinstance(exc, EdgeUnreachable) and exc.permanent:
+                    raise
                 attempt += 1
                 if not retried:  # a dropped connection: reconnect at once, lose nothing
                     retried = True
                     log.warning("edge connection lost (%s); reconnecting", exc)
                     continue
+                if not config.fallback:
+                    raise EdgeLost(f"lost the edge at {self.edge_url} mid-generation after "
+                                   f"{len(out.ids)} verified tokens: {exc}") from exc
                 stats.fallback_events += 1
-                log.warning("edge unreachable (%s); generating unverified for %.2f s", exc, backoff)
+                log.warning("edge unreachable (%s); generating UNVERIFIED for %.2f s (--fallback)", exc, backoff)
                 deadline = time.perf_counter() + backoff
                 while not out.finish_reason and time.perf_counter() < deadline:
                     tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng)
@@ -431,6 +463,7 @@ class DeviceClient:
     async def _edge_only(self, link: EdgeLink, out: _Output, config: GenerationConfig) -> None:
         while True:
             msg = await link.recv(wire.Tokens, timeout=config.round_timeout_s)
+            check_tokens(msg, n_vocab=self.drafter.n_vocab, remaining=config.max_new_tokens - len(out.ids))
             if out.commit(msg.ids.tolist()) or msg.done:
                 return
 
@@ -462,6 +495,9 @@ class DeviceClient:
         ahead: Draft | None = None  # the next round's draft, from pipelining
         all_passed = False  # the last round's drafts were all accepted
         budget = CandidateBudget()
+        if config.n_candidates is not None:
+            budget = CandidateBudget(k=config.n_candidates, k_min=config.n_candidates, k_max=config.n_candidates)
+        resample_allowed = not greedy and config.mode != "dsd"
         while True:
             t_round = time.perf_counter()
             remaining = config.max_new_tokens - len(out.ids) - 1
@@ -540,9 +576,15 @@ class DeviceClient:
                     await asyncio.wait([background])
                 raise
             wait_s = time.perf_counter() - t_sent
+            try:
+                check_verdict(verdict, gamma=gamma, n_vocab=self.drafter.n_vocab,
+                              resample_allowed=resample_allowed, max_candidates=max(msg.n_candidates, 1))
+            except wire.WireError:
+                if background is not None:
+                    verdict_box.append(_STOP)
+                    await asyncio.wait([background])
+                raise
             j = verdict.n_accepted
-            if j > gamma:
-                raise wire.Malformed(f"edge accepted {j} of {gamma} drafts")
             if background is not None:
                 verdict_box.append(verdict)
                 guess, guess_s = await background  # the drafter and rng are free again after this
@@ -597,8 +639,10 @@ class DeviceClient:
             stats.rounds.more_requests += 1
             await link.send(wire.More(want))
             reply = await link.recv(wire.VerdictMsg, timeout=timeout)
-            if reply.kind is not VerdictKind.RESAMPLE or reply.n_accepted != verdict.n_accepted:
-                raise wire.Malformed("edge answered More with a different verdict")
+            check_verdict(reply, gamma=verdict.n_accepted + 1, n_vocab=q_row.size, resample_allowed=True,
+                          max_candidates=want, n_accepted=verdict.n_accepted)
+            if want == 0 and reply.p_full is None:
+                raise wire.Malformed("the edge sent an invalid answer to More(0): no full P_j row")
             verdict = reply
         if trials:
             budget.observe(trials)

@@ -1,21 +1,38 @@
-"""The device's WebSocket link to the edge: handshake, framed send/recv, byte accounting."""
+"""The device's WebSocket link to the edge: handshake, framed send/recv, byte accounting.
+
+Nothing the edge sends is trusted: every frame is decoded by `protocol.wire` with a
+receive limit sized to this vocabulary, and the Welcome is checked against sane bounds
+(`protocol.checks.check_welcome`). A connection that cannot be opened raises
+`EdgeUnreachable` with a one-line cause a user can act on (refused, DNS, TLS, wrong
+scheme, not an edge).
+"""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import ssl
 from typing import TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from protocol import wire
+from protocol.checks import check_welcome
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
-#: Largest frame the device accepts (a full fp32 P_j of a 262k vocabulary is ~1 MB).
-MAX_FRAME = 16 * 1024 * 1024
+#: Receive limit beyond the largest legitimate downlink (a full fp32 P_j row).
+_FRAME_SLACK = 64 * 1024
+
+
+def max_downlink_frame(n_vocab: int) -> int:
+    """The largest frame an honest edge sends to a device of this vocabulary: a full float32
+    P_j row (4 bytes per id) plus headers and slack (candidates are 8 bytes each, at most
+    `MAX_CANDIDATES`, and a Done's stats are a small JSON object)."""
+    return wire.HEADER_SIZE + 4 * n_vocab + _FRAME_SLACK
 
 
 class EdgeError(RuntimeError):
@@ -31,12 +48,62 @@ class EdgeError(RuntimeError):
         self.reason = message
 
 
+class EdgeUnreachable(ConnectionError):
+    """No DSSD session could be opened with the edge; the message names the cause.
+
+    `permanent`: retrying cannot help (TLS verification, wrong scheme, not an edge, bad
+    URL); otherwise the edge may come back (refused, DNS, timeout).
+    """
+
+    def __init__(self, url: str, cause: str, *, permanent: bool) -> None:
+        super().__init__(f"cannot reach the edge at {url}: {cause}")
+        self.url = url
+        self.cause = cause
+        self.permanent = permanent
+
+
+def describe_connect_error(url: str, exc: BaseException) -> EdgeUnreachable:
+    """Turn what `websockets.connect` raised into an `EdgeUnreachable` naming the cause."""
+    tls = url.startswith("wss://")
+    if isinstance(exc, EdgeUnreachable):
+        return exc
+    if isinstance(exc, InvalidURI):
+        return EdgeUnreachable(url, f"invalid URL ({exc}); expected ws://HOST:PORT or wss://HOST:PORT",
+                               permanent=True)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return EdgeUnreachable(url, f"TLS certificate verification failed ({exc.verify_message}); "
+                               "pass the edge's CA certificate (--ca-file)", permanent=True)
+    if isinstance(exc, ssl.SSLError):
+        hint = "; the edge may not speak TLS (use ws:// instead of wss://?)" if "WRONG_VERSION" in str(exc) \
+            or "record layer" in str(exc) else ""
+        return EdgeUnreachable(url, f"TLS handshake failed ({exc.reason or exc}){hint}", permanent=True)
+    if isinstance(exc, InvalidStatus):
+        return EdgeUnreachable(url, f"not a DSSD edge: the server answered HTTP {exc.response.status_code}",
+                               permanent=True)
+    if isinstance(exc, (InvalidHandshake, EOFError)) or (isinstance(exc, ConnectionError) and not
+                                                          isinstance(exc, ConnectionRefusedError)):
+        hint = "" if tls else " (if the edge serves TLS, use wss://)"
+        return EdgeUnreachable(url, f"the server did not complete a WebSocket handshake{hint}: {exc}",
+                               permanent=not tls)
+    if isinstance(exc, socket.gaierror):
+        return EdgeUnreachable(url, f"cannot resolve the host name ({exc.strerror})", permanent=False)
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return EdgeUnreachable(url, "connection refused (is the edge running, and is the port right?)",
+                               permanent=False)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return EdgeUnreachable(url, "timed out opening the connection", permanent=False)
+    if isinstance(exc, OSError):
+        return EdgeUnreachable(url, exc.strerror or str(exc) or type(exc).__name__, permanent=False)
+    return EdgeUnreachable(url, f"{type(exc).__name__}: {exc}", permanent=False)
+
+
 class EdgeLink:
     """One connection to the edge. Counts every frame's bytes in each direction."""
 
-    def __init__(self, ws: ClientConnection, welcome: wire.Welcome) -> None:
+    def __init__(self, ws: ClientConnection, welcome: wire.Welcome, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
         self._ws = ws
         self.welcome = welcome
+        self.max_frame = max_frame
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -44,12 +111,28 @@ class EdgeLink:
     async def connect(
         cls, url: str, hello: wire.Hello, *, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None
     ) -> "EdgeLink":
+        """Open a session: WebSocket handshake, Hello, a checked Welcome.
+
+        Raises `EdgeUnreachable` when no connection could be opened, `EdgeError` when the
+        edge refused the Hello (AUTH, VOCAB_MISMATCH, VERSION, BUSY, ...), and
+        `wire.WireError` when the edge answered with an invalid frame.
+        """
+        max_frame = max_downlink_frame(hello.n_vocab)
         kwargs = {"ssl": ssl_context} if url.startswith("wss://") and ssl_context is not None else {}
-        ws = await connect(url, compression=None, max_size=MAX_FRAME, open_timeout=timeout, **kwargs)
-        link = cls(ws, welcome=None)  # type: ignore[arg-type]
+        try:
+            ws = await connect(url, compression=None, max_size=max_frame, open_timeout=timeout, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure to connect gets a named cause
+            raise describe_connect_error(url, exc) from exc
+        link = cls(ws, welcome=None, max_frame=max_frame)  # type: ignore[arg-type]
         try:
             await link.send(hello)
-            link.welcome = await link.recv(wire.Welcome, timeout=timeout)
+            try:
+                welcome = await link.recv(wire.Welcome, timeout=timeout)
+            except ConnectionError as exc:
+                raise EdgeUnreachable(url, f"the server closed the connection during the DSSD handshake ({exc})",
+                                      permanent=False) from None
+            check_welcome(welcome, hello)
+            link.welcome = welcome
         except BaseException:
             await ws.close()
             raise
@@ -68,15 +151,24 @@ class EdgeLink:
         try:
             data = await asyncio.wait_for(self._ws.recv(), timeout)
         except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 1009:
+                raise wire.Oversized(f"the edge refused a frame of this device as too large ({exc})") from None
+            if exc.sent is not None and exc.sent.code == 1009:
+                raise wire.Oversized(f"the edge sent a frame over this device's limit of {self.max_frame} "
+                                     "bytes") from None
             raise ConnectionError(f"edge closed the connection: {exc}") from None
         if isinstance(data, str):
             raise wire.Malformed("edge sent a text frame")
         self.bytes_down += len(data)
-        msg = wire.decode(data, max_frame=MAX_FRAME).message
+        frame = wire.decode(data, max_frame=self.max_frame)
+        msg = frame.message
         if isinstance(msg, wire.Error):
             raise EdgeError(msg.code, msg.message)
         if not isinstance(msg, expected):
             raise wire.Malformed(f"expected {expected}, edge sent {type(msg).__name__}")
+        if self.welcome is not None and frame.session != self.welcome.session_id:
+            raise wire.Malformed(f"edge sent a frame for session {frame.session} on session "
+                                 f"{self.welcome.session_id}")
         return msg
 
     async def close(self) -> None:

@@ -38,9 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "comma-separated). Without one, keep the default loopback bind")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss://")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds to receive Hello")
+    p.add_argument("--handshake-timeout", type=float, default=5.0,
+                   help="seconds a new connection has to send an acceptable Hello")
+    p.add_argument("--max-unauthenticated", type=int, default=64,
+                   help="connections held before their Hello is accepted; one more closes the oldest")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a frame")
-    p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
+    p.add_argument("--work-rate", type=float, default=100_000.0,
+                   help="model tokens (prefilled + verified) per second per session before its next job "
+                        "is delayed (never refused); 0 = unlimited")
     p.add_argument("--batch-window-ms", type=float, default=3.0,
                    help="longest a draft waits for other sessions' drafts to verify them in one batch")
     p.add_argument("--max-batch", type=int, default=16, help="most rounds verified in one batched forward")
@@ -72,7 +77,7 @@ async def _serve(args: argparse.Namespace) -> None:
         host=args.host, port=args.port, max_sessions=args.max_sessions, limits=limits,
         auth_tokens=frozenset(tokens), tls_cert=args.tls_cert, tls_key=args.tls_key,
         handshake_timeout_s=args.handshake_timeout, idle_timeout_s=args.idle_timeout,
-        rate_per_s=args.rate, rate_burst=int(2 * args.rate),
+        max_unauthenticated=args.max_unauthenticated, work_tokens_per_s=args.work_rate,
         batching=BatchConfig(enabled=not args.no_batching, window_ms=args.batch_window_ms,
                              max_batch=args.max_batch),
         metrics_port=args.metrics_port,

@@ -1,8 +1,23 @@
-"""WebSocket server: one `EdgeSession` per device connection.
+"""WebSocket server: one `EdgeSession` per authenticated device connection.
 
 The event loop only moves frames; all model work runs on one worker thread, so a slow
 forward never stalls other connections' I/O and sessions never race on the model. A bad
 frame or refused request gets an Error frame and a clean close of that connection only.
+
+Admission is in two steps, so that a stranger costs next to nothing:
+
+1. A new connection is *unauthenticated*: it holds no session slot, no model state and
+   at most one small frame (`MAX_HELLO_BYTES`, a receive queue of 1). It has
+   `handshake_timeout_s` to send an acceptable Hello. At most `max_unauthenticated` are
+   held; one more closes the oldest of them.
+2. Once the Hello passes (version, access token, vocabulary), the connection becomes a
+   session: it counts against `max_sessions` (BUSY beyond; only authenticated sessions
+   count) and its receive limits rise to the session's.
+
+Limits never count frames per second (a well-behaved client would be refused on a fast
+enough machine). They bound what costs something: work (tokens prefilled and verified,
+as a per-session budget that delays and never refuses), frames sent without waiting
+for replies (a flood, refused), `More` requests per round and invalid frames (refused).
 """
 from __future__ import annotations
 
@@ -13,28 +28,38 @@ import logging
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http import HTTPStatus
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from edge_service.backends.base import TargetModel
 from edge_service.metrics import EdgeMetrics
 from edge_service.scheduler import BatchConfig, VerifyScheduler
 from edge_service.session import EdgeLimits, EdgeSession, ProtocolError
 from protocol import wire
+from protocol.vocab import vocab_fingerprint
 from protocol.wire import ErrorCode
 
 log = logging.getLogger(__name__)
+
+#: Largest frame accepted before the Hello is (a Hello is a small JSON object; the access
+#: token is its only free-size field). A larger one closes with WebSocket code 1009.
+MAX_HELLO_BYTES = 8192
+#: websockets' receive queue (frames) before and after the handshake.
+_QUEUE_UNAUTHENTICATED = 1
+_QUEUE_SESSION = 16
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
+    #: Authenticated sessions at once; BUSY beyond. Connections still in their handshake
+    #: do not count, so strangers cannot make the edge busy for real devices.
     max_sessions: int = 64
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     #: Shared access tokens; a device must present one in its Hello. Empty: no check.
@@ -42,33 +67,81 @@ class ServerConfig:
     #: TLS (wss://): PEM certificate chain and private key.
     tls_cert: str | None = None
     tls_key: str | None = None
-    handshake_timeout_s: float = 10.0
+    #: Seconds a new connection has to send an acceptable Hello.
+    handshake_timeout_s: float = 5.0
+    #: Connections in their handshake held at once; one more closes the oldest of them
+    #: (it had the most time to say Hello), so idle sockets cannot lock devices out.
+    max_unauthenticated: int = 64
     idle_timeout_s: float = 300.0
-    #: Per-connection frame rate: sustained frames/s and burst.
-    rate_per_s: float = 500.0
-    rate_burst: int = 1000
+    #: Frames a session may have sent without the replies to earlier ones. The protocol
+    #: is request-reply: a client that waits never has more than 2 (Start and its first
+    #: Draft) unanswered, at any speed. More is a flood and is refused (LIMIT).
+    max_unanswered_frames: int = 4
+    #: Work budget per session: tokens prefilled plus tokens verified, per second
+    #: sustained, and the burst. Past it the session's next job is delayed, never
+    #: refused: a fast client is slowed, and only beyond this rate. 0: unlimited.
+    work_tokens_per_s: float = 100_000.0
+    work_burst_tokens: int = 65_536
     #: Cross-session verification batching (edge_service/scheduler.py).
     batching: BatchConfig = field(default_factory=BatchConfig)
     #: Prometheus /metrics on this HTTP port (bound to `host`; 0: any free port). None: off.
     metrics_port: int | None = None
+    #: Clock of the work budgets (a test passes a frozen one: an infinitely fast machine).
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.max_unauthenticated < 1:
+            raise ValueError("max_sessions and max_unauthenticated must be >= 1")
+        if self.max_unanswered_frames < 2:
+            raise ValueError("max_unanswered_frames must be >= 2 (Start and a Draft travel together)")
+        if self.work_tokens_per_s < 0 or self.work_burst_tokens < 1:
+            raise ValueError("work_tokens_per_s must be >= 0 and work_burst_tokens >= 1")
 
 
-class TokenBucket:
-    """Frame-rate limit of one connection: `rate` per second sustained, `burst` at once."""
+class WorkBudget:
+    """Per-session work rate: a token bucket of *model tokens*, answered by a delay.
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self._tokens = float(burst)
-        self._t = time.monotonic()
+    `charge(n)` takes n tokens of work (prefill or verification) and returns how long
+    the caller must wait before running it, so that the sustained rate stays under
+    `rate` per second with bursts of `burst`. It never refuses.
+    """
 
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self._clock = clock
+        self._level = float(burst)  # tokens available now (negative: owed)
+        self._t = clock()
+
+    def charge(self, n: int) -> float:
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        self._level = min(self.burst, self._level + (now - self._t) * self.rate)
         self._t = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        self._level -= n
+        return 0.0 if self._level >= 0 else -self._level / self.rate
+
+
+def work_of(session: EdgeSession, msg: wire.Message) -> int:
+    """Model tokens a message makes the edge process (its charge against the work budget)."""
+    if isinstance(msg, wire.Start):
+        return int(msg.prompt_ids.size)
+    if isinstance(msg, wire.Draft):
+        return int(msg.prefix_ids.size + msg.draft_ids.size) + 1
+    return 0
+
+
+def _set_receive_limits(ws: ServerConnection, max_message: int, max_queue: int) -> None:
+    """Raise websockets' receive limits of one connection once its Hello is accepted.
+
+    websockets reads both per message (17: `max_message_size`; 15-16: `max_size`).
+    """
+    protocol = ws.protocol
+    if hasattr(protocol, "max_message_size"):
+        protocol.max_message_size = max_message
+    else:  # pragma: no cover - websockets < 17
+        protocol.max_size = max_message
+    ws.recv_messages.high, ws.recv_messages.low = max_queue, max_queue // 4
 
 
 class EdgeServer:
@@ -78,11 +151,14 @@ class EdgeServer:
         self.model = model
         self.config = config
         self._ids = itertools.count(1)
-        self._connections: set[ServerConnection] = set()
+        self._connections: set[ServerConnection] = set()  # authenticated sessions
+        self._unauthenticated: dict[ServerConnection, None] = {}  # insertion-ordered
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-model")
         self._server: Server | None = None
         self._closing = False
         self.scheme = "wss" if config.tls_cert else "ws"
+        #: computed once per model, not per connection (a 262k vocabulary takes ~0.1 s)
+        self.fingerprint = vocab_fingerprint(model.vocab_tokens)
         self.metrics = EdgeMetrics(active_sessions=lambda: len(self._connections))
         self.metrics_port: int | None = None  # bound /metrics port once started
         self.scheduler = VerifyScheduler(
@@ -93,12 +169,17 @@ class EdgeServer:
     def active_sessions(self) -> int:
         return len(self._connections)
 
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._unauthenticated)
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "closing" if self._closing else "ok",
             "model": self.model.name,
             "sessions": self.active_sessions,
             "max_sessions": self.config.max_sessions,
+            "pending_handshakes": self.pending_handshakes,
             "protocol_version": wire.VERSION,
         }
 
@@ -123,7 +204,8 @@ class EdgeServer:
             self.config.host,
             self.config.port,
             compression=None,
-            max_size=self.config.limits.max_frame_bytes,
+            max_size=MAX_HELLO_BYTES,  # raised per connection once its Hello is accepted
+            max_queue=_QUEUE_UNAUTHENTICATED,
             ssl=self._ssl_context(),
             process_request=self._http,
         )
@@ -142,7 +224,7 @@ class EdgeServer:
     async def close(self, grace_s: float = 10.0) -> None:
         """Graceful shutdown: refuse new work, tell every device, close, never hang."""
         self._closing = True
-        for ws in list(self._connections):
+        for ws in list(self._connections) + list(self._unauthenticated):
             await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down", timeout=grace_s)
         if self._server is not None:
             self._server.close()
@@ -172,44 +254,129 @@ class EdgeServer:
         self.metrics.observe(msg, replies)
         return replies
 
+    # -- admission ------------------------------------------------------------------
+
+    async def _admit(self, ws: ServerConnection) -> EdgeSession | None:
+        """The handshake of a new connection: an accepted session, or None (refused/closed)."""
+        cfg = self.config
+        self._unauthenticated[ws] = None
+        if len(self._unauthenticated) > cfg.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            asyncio.get_running_loop().create_task(self._refuse(
+                oldest, ErrorCode.LIMIT, "too many connections without a handshake; closing the oldest"))
+        try:
+            raw = await asyncio.wait_for(ws.recv(), cfg.handshake_timeout_s)
+        except asyncio.TimeoutError:
+            await self._refuse(ws, ErrorCode.LIMIT, f"handshake timeout after {cfg.handshake_timeout_s:g} s")
+            return None
+        except ConnectionClosed:
+            return None
+        finally:
+            self._unauthenticated.pop(ws, None)
+        self.metrics.bytes_in.inc(len(raw))
+        try:
+            frame = wire.decode(raw, max_frame=MAX_HELLO_BYTES)
+        except wire.WireError as exc:
+            await self._refuse(ws, ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}")
+            return None
+        if not isinstance(frame.message, wire.Hello):
+            await self._refuse(ws, ErrorCode.UNEXPECTED, "the first frame must be a Hello")
+            return None
+        if self._closing:
+            await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
+            return None
+        session = EdgeSession(self.model, cfg.limits, next(self._ids), auth_tokens=cfg.auth_tokens,
+                              fingerprint=self.fingerprint)
+        try:
+            welcome = session.hello(frame.message)  # version, access token, vocabulary: no model work
+        except ProtocolError as exc:
+            log.warning("handshake from %s refused: %s", ws.remote_address, exc)
+            await self._refuse(ws, exc.code, str(exc))
+            return None
+        if len(self._connections) >= cfg.max_sessions:
+            await self._refuse(ws, ErrorCode.BUSY, f"edge busy: {len(self._connections)} sessions active "
+                               f"(max {cfg.max_sessions})")
+            return None
+        self._connections.add(ws)
+        _set_receive_limits(ws, cfg.limits.max_frame_bytes, _QUEUE_SESSION)
+        data = wire.encode(welcome, session=session.session_id)
+        self.metrics.bytes_out.inc(len(data))
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            self._connections.discard(ws)
+            return None
+        log.info("session %d opened from %s", session.session_id, ws.remote_address)
+        return session
+
     async def _handle(self, ws: ServerConnection) -> None:
         if self._closing:
             await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
             return
-        if len(self._connections) >= self.config.max_sessions:
-            await self._refuse(ws, ErrorCode.BUSY, f"edge busy: {len(self._connections)} sessions active")
+        session = await self._admit(ws)
+        if session is None:
             return
-        self._connections.add(ws)
+        try:
+            await self._serve_session(ws, session)
+        finally:
+            self._connections.discard(ws)
+            if not self._worker._shutdown:  # noqa: SLF001 - closing during shutdown
+                await self._run(session.close)
+            log.info("session %d closed", session.session_id)
+
+    # -- an authenticated session ---------------------------------------------------
+
+    async def _read(self, ws: ServerConnection, inbox: asyncio.Queue, session: EdgeSession) -> None:
+        """Receive frames eagerly, so that the count of unanswered frames is what the client sent."""
         cfg = self.config
-        session = EdgeSession(self.model, cfg.limits, next(self._ids), auth_tokens=cfg.auth_tokens)
-        bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
-        stream: asyncio.Task | None = None
-        log.info("session %d opened from %s", session.session_id, ws.remote_address)
         try:
             while True:
-                timeout = cfg.idle_timeout_s if session.greeted else cfg.handshake_timeout_s
                 try:
-                    raw = await asyncio.wait_for(ws.recv(), timeout)
-                    self.metrics.bytes_in.inc(len(raw))
+                    raw = await asyncio.wait_for(ws.recv(), cfg.idle_timeout_s)
                 except asyncio.TimeoutError:
-                    what = "idle" if session.greeted else "handshake"
-                    await self._refuse(ws, ErrorCode.LIMIT, f"{what} timeout after {timeout:.0f} s")
+                    inbox.put_nowait(ProtocolError(ErrorCode.LIMIT, f"idle timeout after {cfg.idle_timeout_s:g} s"))
                     return
-                if not bucket.take():
-                    await self._refuse(ws, ErrorCode.LIMIT, f"rate limit of {cfg.rate_per_s:.0f} frames/s exceeded")
+                self.metrics.bytes_in.inc(len(raw))
+                if inbox.qsize() >= cfg.max_unanswered_frames:
+                    inbox.put_nowait(ProtocolError(
+                        ErrorCode.LIMIT, f"more than {cfg.max_unanswered_frames} frames sent without waiting "
+                        "for the replies (the protocol is request-reply)"))
+                    return
+                inbox.put_nowait(raw)
+        except ConnectionClosed:
+            inbox.put_nowait(None)
+
+    async def _serve_session(self, ws: ServerConnection, session: EdgeSession) -> None:
+        cfg = self.config
+        budget = WorkBudget(cfg.work_tokens_per_s, cfg.work_burst_tokens, cfg.clock)
+        inbox: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(self._read(ws, inbox, session))
+        stream: asyncio.Task | None = None
+        try:
+            while True:
+                item = await inbox.get()
+                if item is None:
+                    return
+                if isinstance(item, ProtocolError):
+                    log.warning("session %d refused: %s", session.session_id, item)
+                    await self._refuse(ws, item.code, str(item))
                     return
                 try:
-                    frame = wire.decode(raw, max_frame=cfg.limits.max_frame_bytes)
+                    frame = wire.decode(item, max_frame=cfg.limits.max_frame_bytes)
                 except wire.WireError as exc:
                     await self._refuse(ws, ErrorCode.BAD_FRAME, f"{type(exc).__name__}: {exc}")
                     return
-                if session.greeted and frame.session != session.session_id:
+                if frame.session != session.session_id:
                     await self._refuse(ws, ErrorCode.UNEXPECTED, f"frame for session {frame.session} on "
                                        f"session {session.session_id}")
                     return
                 if isinstance(frame.message, wire.End) and stream is not None:
                     stream.cancel()
                     stream = None
+                delay = budget.charge(work_of(session, frame.message))
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 try:
                     replies = await self._dispatch(session, frame.message)
                 except ProtocolError as exc:
@@ -228,12 +395,9 @@ class EdgeServer:
             log.exception("session %d failed", session.session_id)
             await self._refuse(ws, ErrorCode.INTERNAL, "internal error on the edge")
         finally:
+            reader.cancel()
             if stream is not None:
                 stream.cancel()
-            self._connections.discard(ws)
-            if not self._worker._shutdown:  # noqa: SLF001 - closing during shutdown
-                await self._run(session.close)
-            log.info("session %d closed", session.session_id)
 
     async def _stream_edge_only(self, ws: ServerConnection, session: EdgeSession) -> None:
         """Edge-only mode: decode and send one token at a time until done or cancelled."""

@@ -19,6 +19,7 @@ from protocol import wire
 from protocol.downlink import (
     DOWNLINKS,
     MAX_CANDIDATES,
+    MAX_MORE_PER_ROUND,
     MODES,
     candidates_message,
     choose_downlink,
@@ -65,6 +66,7 @@ class _Request:
     committed: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # committed, not yet in the KV cache
     rejected: tuple[int, np.ndarray] | None = None  # (j, P_j) while the device may ask for more
+    more_in_round: int = 0  # More requests answered for the current rejection
     done: bool = False
 
 
@@ -90,12 +92,15 @@ class EdgeSession:
         session_id: int,
         *,
         auth_tokens: frozenset[str] = frozenset(),
+        fingerprint: str | None = None,
     ) -> None:
+        """`fingerprint`: the model's vocabulary fingerprint, computed once by the server
+        (None: computed here, for sessions driven directly)."""
         self.model = model
         self._auth_tokens = auth_tokens
         self.limits = limits
         self.session_id = session_id
-        self.fingerprint = vocab_fingerprint(model.vocab_tokens)
+        self.fingerprint = fingerprint or vocab_fingerprint(model.vocab_tokens)
         self.max_context = min(limits.max_context or model.max_context, model.max_context)
         self._seq: TargetSequence | None = None
         self._cached: list[int] = []  # token ids held in the KV cache, for prefix reuse
@@ -117,11 +122,19 @@ class EdgeSession:
             hmac.compare_digest(msg.auth_token.encode(), t.encode()) for t in self._auth_tokens
         ):
             raise ProtocolError(ErrorCode.AUTH, "missing or wrong access token")
-        if msg.vocab_fingerprint != self.fingerprint or msg.n_vocab > self.model.n_vocab:
+        if msg.vocab_fingerprint != self.fingerprint:
             raise ProtocolError(
                 ErrorCode.VOCAB_MISMATCH,
                 f"vocabulary mismatch: device {msg.vocab_fingerprint} ({msg.n_vocab} tokens), "
                 f"edge model {self.model.name} {self.fingerprint} ({len(self.model.vocab_tokens)} tokens)",
+            )
+        if msg.n_vocab != self.model.n_vocab:
+            # same tokens, different logit rows (one side pads its vocabulary): P and Q
+            # rows would not line up, so refuse here rather than fail mid-request
+            raise ProtocolError(
+                ErrorCode.VOCAB_MISMATCH,
+                f"vocabulary size mismatch: the device's model has {msg.n_vocab} logit rows, the edge's "
+                f"{self.model.name} has {self.model.n_vocab} (same token list)",
             )
         self._greeted = True
         return wire.Welcome(
@@ -323,6 +336,7 @@ class EdgeSession:
         self._keep(n_before + len(new) - gamma + j)
         r.committed.extend(draft[:j].tolist())
         r.rejected = None
+        r.more_in_round = 0
         if verdict.kind is VerdictKind.RESAMPLE:
             r.pending = []
             reply = encode_rejection(verdict, p_rows[j], r.downlink, msg.n_candidates, r.rng)
@@ -342,6 +356,9 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.UNEXPECTED, "no candidate rejection is pending")
         if msg.n_candidates > MAX_CANDIDATES:
             raise ProtocolError(ErrorCode.LIMIT, f"at most {MAX_CANDIDATES} candidates per message")
+        if r.more_in_round >= MAX_MORE_PER_ROUND:
+            raise ProtocolError(ErrorCode.LIMIT, f"more than {MAX_MORE_PER_ROUND} More requests for one rejection")
+        r.more_in_round += 1
         j, p_row = r.rejected
         r.stats.more_requests += 1
         if msg.n_candidates == 0:

@@ -34,6 +34,10 @@ DOWNLINKS = ("auto", "full", "support", "candidates")
 DEFAULT_CANDIDATES = 4
 #: Largest candidate batch (8 bytes each); beyond it the full row is asked for instead.
 MAX_CANDIDATES = 4096
+#: `More` requests the edge answers for one rejection. A device that follows
+#: `next_request_size` (4x more each time, then the full row) sends at most
+#: log4(MAX_CANDIDATES) + 1 = 7 of them from one candidate; more is a flood (LIMIT).
+MAX_MORE_PER_ROUND = 8
 
 
 def choose_downlink(mode: str, requested: str, sampling: SamplingParams) -> str:
