@@ -77,6 +77,9 @@ def describe_connect_error(url: str, exc: BaseException) -> EdgeUnreachable:
         hint = "; the edge may not speak TLS (use ws:// instead of wss://?)" if "WRONG_VERSION" in str(exc) \
             or "record layer" in str(exc) else ""
         return EdgeUnreachable(url, f"TLS handshake failed ({exc.reason or exc}){hint}", permanent=True)
+    if tls and isinstance(exc, (ConnectionResetError, EOFError)):
+        return EdgeUnreachable(url, "the server closed the connection during the TLS handshake; it may not "
+                               "speak TLS (use ws:// instead of wss://?)", permanent=False)
     if isinstance(exc, InvalidStatus):
         return EdgeUnreachable(url, f"not a DSSD edge: the server answered HTTP {exc.response.status_code}",
                                permanent=True)

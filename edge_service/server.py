@@ -328,7 +328,10 @@ class EdgeServer:
     # -- an authenticated session ---------------------------------------------------
 
     async def _read(self, ws: ServerConnection, inbox: asyncio.Queue, session: EdgeSession) -> None:
-        """Receive frames eagerly, so that the count of unanswered frames is what the client sent."""
+        """Receive frames eagerly, so that the count of unanswered frames is what the client sent.
+
+        A flood is refused from here at once (the processor may be busy on the model).
+        """
         cfg = self.config
         try:
             while True:
@@ -339,9 +342,10 @@ class EdgeServer:
                     return
                 self.metrics.bytes_in.inc(len(raw))
                 if inbox.qsize() >= cfg.max_unanswered_frames:
-                    inbox.put_nowait(ProtocolError(
-                        ErrorCode.LIMIT, f"more than {cfg.max_unanswered_frames} frames sent without waiting "
-                        "for the replies (the protocol is request-reply)"))
+                    log.warning("session %d refused: flooding", session.session_id)
+                    await self._refuse(ws, ErrorCode.LIMIT, f"more than {cfg.max_unanswered_frames} frames sent "
+                                       "without waiting for the replies (the protocol is request-reply)")
+                    inbox.put_nowait(None)
                     return
                 inbox.put_nowait(raw)
         except ConnectionClosed:
