@@ -486,3 +486,58 @@ def test_a_hostile_edge_is_a_clear_protocol_error(case, drafter):  # noqa: ANN00
         server.close()
         loop.call_soon_threadsafe(loop.stop)
     assert emitted == []  # nothing from a hostile edge reached the user
+
+
+def test_fallback_is_opt_in_marked_per_token_and_reported_in_the_exit_status(tiny_pair, tiny_edge):  # noqa: ANN001
+    """The edge accepts the request, then its connection drops after the second Draft and it
+    never comes back. Without --fallback: exit 1. With it: draft text between the markers,
+    per-token flags in --json, exit status 3."""
+    from device_runtime.__main__ import EXIT_ERROR, EXIT_UNVERIFIED, UNVERIFIED_CLOSE, UNVERIFIED_OPEN
+    from tests.test_law_real_stack import FrameDropProxy
+
+    port = int(tiny_edge.url.rsplit(":", 1)[1])
+    args = ["--model", str(tiny_pair.draft_gguf), "--threads", "1", "-n", "24", "-t", "0", "--gamma", "2",
+            "--prompt", PROMPT]
+    with FrameDropProxy(port, drop_after=4, stay_down=True) as proxy:
+        out = _cli("--edge", f"ws://127.0.0.1:{proxy.port}", *args)
+    assert out.returncode == EXIT_ERROR and "lost the edge" in out.stderr, out.stderr
+    with FrameDropProxy(port, drop_after=4, stay_down=True) as proxy:
+        out = _cli("--edge", f"ws://127.0.0.1:{proxy.port}", "--fallback", *args)
+    assert out.returncode == EXIT_UNVERIFIED, out.stderr
+    assert out.stdout.startswith(PROMPT) and UNVERIFIED_OPEN in out.stdout and UNVERIFIED_CLOSE in out.stdout
+    assert "NOT VERIFIED" in out.stderr
+    with FrameDropProxy(port, drop_after=4, stay_down=True) as proxy:
+        out = _cli("--edge", f"ws://127.0.0.1:{proxy.port}", "--fallback", "--json", *args)
+    doc = json.loads(out.stdout)
+    assert out.returncode == EXIT_UNVERIFIED and not doc["exact"]
+    flags = doc["verified"]
+    assert flags[0] and not flags[-1] and flags.count(False) == doc["stats"]["unverified_tokens"] > 0
+
+
+def test_served_fallback_chunks_say_they_are_unverified(tiny_pair, tiny_edge):  # noqa: ANN001
+    from tests.test_law_real_stack import FrameDropProxy
+
+    port = int(tiny_edge.url.rsplit(":", 1)[1])
+    with FrameDropProxy(port, drop_after=4, stay_down=True) as proxy:
+        http_port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "device_runtime", "serve", "--edge", f"ws://127.0.0.1:{proxy.port}", "--model",
+             str(tiny_pair.draft_gguf), "--threads", "1", "--port", str(http_port), "--fallback"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            assert "ready" in proc.stdout.readline()
+            body = json.dumps({"model": Path(tiny_pair.draft_gguf).stem, "prompt": PROMPT, "max_tokens": 24,
+                               "temperature": 0, "gamma": 2, "stream": True}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            events = [line[6:] for line in urllib.request.urlopen(req, timeout=120).read().decode().splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    chunks = [json.loads(e) for e in events]
+    text_chunks = [c for c in chunks if c.get("choices") and c["choices"][0]["text"]]
+    flagged = [c for c in text_chunks if c.get("dssd", {}).get("verified") is False]
+    assert 0 < len(flagged) < len(text_chunks)  # verified text first, then flagged draft text
+    final = chunks[-1]["dssd"]
+    assert final["exact"] is False and final["unverified_tokens"] > 0

@@ -135,8 +135,10 @@ class FrameDropProxy:
     a frame count, not a TCP chunk count.
     """
 
-    def __init__(self, upstream_port: int, drop_after: int) -> None:
-        self.upstream_port, self.drop_after = upstream_port, drop_after
+    def __init__(self, upstream_port: int, drop_after: int, *, stay_down: bool = False) -> None:
+        """`stay_down`: after the first drop, refuse every new connection (the edge is gone)."""
+        self.upstream_port, self.drop_after, self.stay_down = upstream_port, drop_after, stay_down
+        self._server: asyncio.AbstractServer | None = None
         self.connections = 0
         self.drops = 0
         self._last_dropped = False
@@ -201,6 +203,8 @@ class FrameDropProxy:
                     await up_writer.drain()
                     self.drops += 1
                     self._last_dropped = True
+                    if self.stay_down and self._server is not None:
+                        self._server.close()  # new connections are refused from now on
                     writer.transport.abort()  # the reply never reaches the device
                     up_writer.transport.abort()
                     return
@@ -221,8 +225,8 @@ class FrameDropProxy:
         async def start() -> asyncio.AbstractServer:
             return await asyncio.start_server(self._client, "127.0.0.1", 0)
 
-        server = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
-        self.port = server.sockets[0].getsockname()[1]
+        self._server = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+        self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     def __exit__(self, *exc: object) -> None:
