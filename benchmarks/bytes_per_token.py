@@ -18,12 +18,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dssd_common.models import default_models
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig
 from edge_service.backends.torch_backend import TorchTargetModel
 from edge_service.server import EdgeServerThread, ServerConfig
 from protocol.sampling import SamplingParams
-from quantize.defaults import default_models
 
 PROMPTS = (
     "Explain why the sky is blue.",

@@ -548,7 +548,7 @@ def rebuild_report(src: Path, out: Path | None = None, *, plots: bool = True) ->
 
 def _n_vocab(path: Path) -> int:
     try:
-        from quantize.requantize import read_token_strings
+        from dssd_common.gguf_header import read_token_strings
 
         return len(read_token_strings(path))
     except Exception:  # noqa: BLE001 - only used for the analytic model

@@ -21,7 +21,7 @@ from protocol.sampling import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     p = argparse.ArgumentParser(
         prog="python -m device_runtime",
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     drafter = LlamaDrafter(args.model or default_models().draft_q4_0_gguf,
                            n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
@@ -109,7 +109,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     p = argparse.ArgumentParser(
         prog="python -m device_runtime serve",
@@ -140,7 +140,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> int:
     from device_runtime.api import DeviceRuntime
     from device_runtime.openai_server import serve_forever
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     args = build_serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

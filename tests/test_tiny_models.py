@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.fixtures.tiny_models import TinyPair, build_tiny_pair
+from quantize.tiny import TinyPair, build_tiny_pair
 
 PROMPTS = ("Hello world! The quick brown fox", "What is the capital of France?", "Once upon a time")
 N_GREEDY = 32
