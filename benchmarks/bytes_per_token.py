@@ -23,6 +23,7 @@ from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig
 from edge_service.backends.torch_backend import TorchTargetModel
 from edge_service.server import EdgeServerThread, ServerConfig
+from protocol.modes import SPECULATIVE_MODES
 from protocol.sampling import SamplingParams
 
 PROMPTS = (
@@ -36,7 +37,7 @@ PROMPTS = (
     "Write a haiku about autumn rain.",
 )
 SETTINGS = {"T=1.0": SamplingParams(1.0, 0, 1.0), "T=0.7,top-k=40": SamplingParams(0.7, 40, 1.0)}
-MODES = ("dssd", "dssd-paper", "dsd")
+MODES = SPECULATIVE_MODES  # the modes whose bytes per token differ
 
 
 @dataclass

@@ -38,11 +38,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from benchmarks.link import LinkEmulator, LinkProfile
 from protocol import costmodel as cm
+from protocol.modes import MODES
 from protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-ALL_MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
+ALL_MODES = MODES  # every mode is compared
 SPECULATIVE = ("dssd", "dssd-paper", "dsd")
 
 #: Named link profiles (issue 6). RTT is split evenly between the two directions.

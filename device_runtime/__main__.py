@@ -15,8 +15,10 @@ import sys
 
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.gamma import DEFAULT_MAX_GAMMA
-from device_runtime.session import MODES, DeviceClient, GenerationConfig
+from device_runtime.session import DeviceClient, GenerationConfig
 from device_runtime.transport import EdgeError
+from protocol.downlink import DOWNLINKS
+from protocol.modes import MODES
 from protocol.sampling import SamplingParams
 
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--downlink", choices=("auto", "full", "support", "candidates"), default="auto",
+    p.add_argument("--downlink", choices=DOWNLINKS, default="auto",
                    help="how P_j comes down after a rejection in dssd (all exact)")
     p.add_argument("--no-fallback", action="store_true",
                    help="fail when the edge is lost instead of continuing with the draft alone")

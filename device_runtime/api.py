@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from device_runtime.drafter import LlamaDrafter
-from device_runtime.session import MODES, DeviceClient, GenerationConfig, GenerationStats
+from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
+from protocol.downlink import DOWNLINKS
+from protocol.modes import MODES
 from protocol.sampling import SamplingParams
+from protocol.wire import MAX_SEED
 
 try:  # a dropped connection surfaces from websockets' send() as ConnectionClosed
     from websockets.exceptions import ConnectionClosed as _WsClosed
@@ -49,8 +52,6 @@ __all__ = [
     "EdgeUnavailable",
 ]
 
-DOWNLINKS = ("auto", "full", "support")
-MAX_SEED = 2**63 - 1
 
 
 # -- errors ----------------------------------------------------------------------------

@@ -19,20 +19,18 @@ from protocol import wire
 from protocol.downlink import (
     DOWNLINKS,
     MAX_CANDIDATES,
-    MODES,
     candidates_message,
     choose_downlink,
     encode_rejection,
 )
+from protocol.modes import EDGE_MODES as MODES  # the modes this edge serves
 from protocol.sampling import EDGE_STREAM, SamplingParams, probabilities, rng_for, sample
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind, dsd_verify, edge_verify, greedy_verify
 from protocol.vocab import vocab_fingerprint
-from protocol.wire import ErrorCode
+from protocol.wire import MAX_SEED, ErrorCode
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from scipy import stats
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig, GenerationResult
 from device_runtime.transport import EdgeError
+from protocol.modes import EDGE_MODES
 from protocol.sampling import SamplingParams, probabilities
 from protocol.wire import ErrorCode
 
 GREEDY = SamplingParams(0.0)
-EDGE_MODES = ("dssd", "dssd-paper", "dsd", "edge-only")
 TINY_PROMPTS = ("Hello world", "The cat sat on the", "<|im_start|>user\nWhy is the sky blue?")
 
 
