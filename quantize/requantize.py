@@ -8,7 +8,8 @@ Q8_0, Q4_K_M, ...) therefore goes through a plain F16 GGUF first:
 1. :func:`dequantize_to_f16` rewrites every tensor with ``gguf.quants.dequantize``
    into F16 (1-D tensors such as norms stay F32, as llama.cpp expects) and copies all
    key/value metadata, tokenizer included, with ``gguf.GGUFWriter``.
-2. :func:`quantize_gguf` hands such a file to ``llama_cpp.llama_model_quantize``.
+2. :func:`quantize_gguf` hands such a file to llama.cpp's ``llama_model_quantize``
+   (through :mod:`device_runtime.llama_adapter`).
 
 All outputs are written under a temporary name in the destination directory and
 renamed into place, so an interrupted run never leaves a truncated model behind
@@ -18,7 +19,6 @@ that a later run would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import tempfile
@@ -98,15 +98,9 @@ def supported_ftypes() -> dict[str, int]:
     Taken from the installed llama_cpp bindings rather than hard-coded, so the list
     always matches the quantizer that will actually run.
     """
-    import llama_cpp  # local: importing loads the shared library (slow, optional for F16)
+    from device_runtime import llama_adapter  # local: loads llama.cpp's shared library (slow, optional for F16)
 
-    names: dict[str, int] = {}
-    for attr in dir(llama_cpp):
-        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
-            names[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
-    if hasattr(llama_cpp, "LLAMA_FTYPE_ALL_F32"):
-        names["F32"] = int(llama_cpp.LLAMA_FTYPE_ALL_F32)
-    return names
+    return llama_adapter.ftype_ids()
 
 
 def dequantize_to_f16(
@@ -228,16 +222,11 @@ def quantize_gguf(
 
 def _llama_quantize(src: Path, dst: Path, ftype: int, *, nthread: int) -> None:
     """Call ``llama_model_quantize``; llama.cpp's per-tensor chatter goes to DEBUG logs."""
-    import llama_cpp
+    from device_runtime import llama_adapter
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = nthread
     logger.info("llama.cpp quantize %s -> ftype %d", src.name, ftype)
     with _llama_logs_at_debug():
-        rc = llama_cpp.llama_model_quantize(
-            os.fsencode(src), os.fsencode(dst), ctypes.byref(params)
-        )
+        rc = llama_adapter.quantize_file(src, dst, ftype, nthread=nthread)
     if rc != 0:
         raise RequantizeError(f"llama_model_quantize({src} -> ftype {ftype}) failed with code {rc}")
 
