@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from dssd_common.prefix import common_prefix_len
 from protocol.sampling import SamplingParams, probabilities, sample
 
 if TYPE_CHECKING:
@@ -105,12 +106,7 @@ class LlamaDrafter:
             raise ValueError("need at least one token of context")
         if n > self.n_ctx:
             raise ValueError(f"context of {n} tokens exceeds the draft's n_ctx {self.n_ctx}")
-        keep = 0
-        for a, b in zip(self._tokens, committed):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, n - 1)  # the last token is re-evaluated to get its logits
+        keep = min(common_prefix_len(self._tokens, committed), n - 1)  # the last token is re-evaluated
         self._model.truncate(keep)
         del self._tokens[keep:]
         self._eval(committed[keep:])

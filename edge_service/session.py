@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dssd_common.prefix import common_prefix_len
 from edge_service.backends.base import TargetModel, TargetSequence
 from protocol import wire
 from protocol.downlink import (
@@ -210,11 +211,7 @@ class EdgeSession:
         if self._seq is None:
             self._seq = self.model.new_sequence()
             self._cached = []
-        keep = 0
-        for a, b in zip(self._cached, ids):
-            if a != b:
-                break
-            keep += 1
+        keep = common_prefix_len(self._cached, ids)
         self._seq.rollback(keep)
         self._cached = self._cached[:keep]
         if keep < len(ids):
