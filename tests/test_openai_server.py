@@ -380,7 +380,7 @@ def test_edge_down_is_503_and_recovers(tiny_pair, tiny_target):  # noqa: ANN001
             edge = EdgeServerThread(tiny_target, ServerConfig(port=port)).__enter__()
             assert c.completions.create(**kw).usage.completion_tokens >= 1
     finally:
-        if edge._thread.is_alive():
+        if edge.running:
             edge.__exit__(None, None, None)
         rt.close()
         drafter.close()
