@@ -611,40 +611,58 @@ class DeviceRuntime:
         return s.result
 
 
-class TokenStream:
+class _StreamEvents:
+    """What both streams do with the engine's events, so the sync and async ones agree.
+
+    The engine reports ("started", info), ("piece", Piece), ("done", Completion) or
+    ("error", exception) through a queue; only how the queue is read differs.
+    """
+
+    def __init__(self, fut: concurrent.futures.Future) -> None:
+        self._fut = fut
+        self.result: Completion | None = None
+        self.info: dict[str, Any] | None = None
+        self._finished = False
+
+    def _handle(self, event: tuple) -> Piece | None:
+        """Apply one event: the piece to hand out, else None; a request's error is raised."""
+        kind, payload = event
+        if kind == "started":
+            self.info = payload
+        elif kind == "piece":
+            return payload
+        elif kind == "done":
+            self.result, self._finished = payload, True
+        else:
+            self._finished = True
+            raise payload
+        return None
+
+    def cancel(self) -> None:
+        self._finished = True
+        self._fut.cancel()
+
+
+class TokenStream(_StreamEvents):
     """Iterator of `Piece`s for one request; `.result` is the `Completion` once finished."""
 
     def __init__(self, fut: concurrent.futures.Future, q: "queue.Queue[tuple]", engine: threading.Thread) -> None:
-        self._fut = fut
+        super().__init__(fut)
         self._q = q
         self._engine = engine
-        self.result: Completion | None = None
-        self.info: dict[str, Any] = {}
-        self._finished = False
+        self.info = {}  # never None for the sync stream: it has no started() to wait on
 
     def __iter__(self) -> Iterator[Piece]:
         if threading.current_thread() is self._engine:
             raise RuntimeError("cannot iterate a TokenStream from the runtime's own callbacks")
         try:
             while not self._finished:
-                kind, payload = self._q.get()
-                if kind == "started":
-                    self.info = payload
-                elif kind == "piece":
-                    yield payload
-                elif kind == "done":
-                    self.result = payload
-                    self._finished = True
-                else:
-                    self._finished = True
-                    raise payload
+                piece = self._handle(self._q.get())
+                if piece is not None:
+                    yield piece
         finally:
             if not self._finished:
                 self.cancel()
-
-    def cancel(self) -> None:
-        self._finished = True
-        self._fut.cancel()
 
     def __enter__(self) -> "TokenStream":
         return self
@@ -654,15 +672,12 @@ class TokenStream:
             self.cancel()
 
 
-class AsyncTokenStream:
+class AsyncTokenStream(_StreamEvents):
     """Async iterator of `Piece`s; `await started()` waits for a slot and raises request errors."""
 
     def __init__(self, fut: concurrent.futures.Future, q: "asyncio.Queue[tuple]") -> None:
-        self._fut = fut
+        super().__init__(fut)
         self._q = q
-        self.result: Completion | None = None
-        self.info: dict[str, Any] | None = None
-        self._finished = False
         self._buffer: list[Piece] = []
 
     async def _next(self) -> tuple:
@@ -680,16 +695,9 @@ class AsyncTokenStream:
         while self.info is None:
             if self._finished:
                 raise RuntimeError("the stream has finished")
-            kind, payload = await self._next()
-            if kind == "started":
-                self.info = payload
-            elif kind == "piece":
-                self._buffer.append(payload)
-            elif kind == "done":
-                self.result, self._finished = payload, True
-            else:
-                self._finished = True
-                raise payload
+            piece = self._handle(await self._next())
+            if piece is not None:
+                self._buffer.append(piece)
         return self.info
 
     async def __aiter__(self) -> AsyncIterator[Piece]:
@@ -697,23 +705,12 @@ class AsyncTokenStream:
             while self._buffer:
                 yield self._buffer.pop(0)
             while not self._finished:
-                kind, payload = await self._next()
-                if kind == "started":
-                    self.info = payload
-                elif kind == "piece":
-                    yield payload
-                elif kind == "done":
-                    self.result, self._finished = payload, True
-                else:
-                    self._finished = True
-                    raise payload
+                piece = self._handle(await self._next())
+                if piece is not None:
+                    yield piece
         finally:
             if not self._finished:
                 self.cancel()
-
-    def cancel(self) -> None:
-        self._finished = True
-        self._fut.cancel()
 
     async def aclose(self) -> None:
         if not self._finished:
