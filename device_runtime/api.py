@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
+from dssd_common.loop_thread import LoopThread
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
 from protocol.downlink import DOWNLINKS
@@ -315,9 +316,8 @@ class DeviceRuntime:
             "bytes_up", "bytes_down"), 0)
         self._lock = threading.Lock()
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="dssd-engine", daemon=True)
-        self._thread.start()
+        self._engine = LoopThread("dssd-engine")
+        self._engine.start()
         self._free: asyncio.Queue[_Slot] = self._call(self._make_queue())
 
     async def _make_queue(self) -> "asyncio.Queue[_Slot]":
@@ -353,10 +353,7 @@ class DeviceRuntime:
             self._call(self._shutdown(), timeout=30)
         except Exception:  # noqa: BLE001
             pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._engine.stop(timeout=30)
         if self._own_drafters:
             for d in self._drafters:
                 d.close()
@@ -371,10 +368,10 @@ class DeviceRuntime:
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the engine loop and wait for it (not from the engine thread)."""
-        if threading.current_thread() is self._thread:
+        if self._engine.in_loop_thread():
             coro.close()
             raise RuntimeError("DeviceRuntime's blocking methods cannot be called from its own callbacks")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._engine.run(coro, timeout)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -446,7 +443,7 @@ class DeviceRuntime:
                 raise RuntimeError("this DeviceRuntime is closed")
             if len(self._pending) >= len(self._slots) + self.max_queue:
                 raise RuntimeBusy(f"{len(self._pending)} requests are running or queued; try again later")
-            fut = asyncio.run_coroutine_threadsafe(self._execute(spec, sink), self._loop)
+            fut = self._engine.submit(self._execute(spec, sink))
             self._pending.add(fut)
         fut.add_done_callback(self._done)
         return fut
@@ -571,7 +568,7 @@ class DeviceRuntime:
                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, mode=mode, gamma=gamma,
                           downlink=downlink)
         q: queue.Queue = queue.Queue()
-        return TokenStream(self._submit(spec, q.put), q, self._thread)
+        return TokenStream(self._submit(spec, q.put), q, self._engine.thread)
 
     def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Completion:
         """Generate to the end; same arguments as `stream`. Returns a `Completion`."""

@@ -432,3 +432,10 @@ def test_fuzzed_bodies_never_500(server):  # noqa: ANN001
             assert raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw, (body, raw[-300:])
         else:
             assert "choices" in json.loads(raw)
+
+
+def test_blocking_calls_from_the_engine_thread_are_refused(runtime):  # noqa: ANN001
+    """A blocking method called on the runtime's own loop would deadlock; it raises instead."""
+    with pytest.raises(RuntimeError, match="own callbacks"):
+        runtime._call(runtime._on_engine(lambda: runtime.tokenize(PROMPT)), timeout=30)
+    assert runtime.tokenize(PROMPT)  # the engine is still usable
