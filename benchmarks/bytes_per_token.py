@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dssd_common.models import default_models
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig
+from dssd_common.models import default_models
 from edge_service.backends.torch_backend import TorchTargetModel
 from edge_service.server import EdgeServerThread, ServerConfig
 from protocol.modes import SPECULATIVE_MODES

@@ -38,13 +38,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from benchmarks.link import LinkEmulator, LinkProfile
 from protocol import costmodel as cm
-from protocol.modes import MODES
+from protocol.modes import MODES, SPECULATIVE_MODES
 from protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 ALL_MODES = MODES  # every mode is compared
-SPECULATIVE = ("dssd", "dssd-paper", "dsd")
+SPECULATIVE = SPECULATIVE_MODES
 
 #: Named link profiles (issue 6). RTT is split evenly between the two directions.
 PROFILES: dict[str, LinkProfile] = {

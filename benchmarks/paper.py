@@ -28,7 +28,7 @@ def paper_profiles(rtts_ms=PAPER_RTTS_MS, bandwidths_mbps=PAPER_MBPS) -> list[Li
 
 def paper_config(base: CompareConfig) -> CompareConfig:
     """Forces the paper's modes (plus the baselines) and sampling onto a config."""
-    base.modes = MODES  # device-only: measures t_draft for the model
+    base.modes = MODES  # the baselines too: edge-only, and device-only to measure t_draft for the model
     base.samplings = [("t1-k10", SAMPLINGS["t1-k10"])]
     return base
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-from dssd_common.loop_thread import LoopThread
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
+from dssd_common.loop_thread import LoopThread
 from protocol.downlink import DOWNLINKS
 from protocol.modes import MODES
 from protocol.sampling import SamplingParams

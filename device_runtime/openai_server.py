@@ -17,7 +17,6 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from dssd_common.loop_thread import ServerThread
 from device_runtime.api import (
     AsyncTokenStream,
     Completion,
@@ -28,6 +27,7 @@ from device_runtime.api import (
     RuntimeBusy,
 )
 from device_runtime.transport import EdgeError
+from dssd_common.loop_thread import ServerThread
 from protocol.wire import ErrorCode, WireError
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind
-from protocol.wire import MAX_SEED
 from protocol.vocab import vocab_fingerprint
+from protocol.wire import MAX_SEED
 
 log = logging.getLogger(__name__)
 
