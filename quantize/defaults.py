@@ -44,7 +44,7 @@ from dssd_common.models import (  # noqa: F401  (re-exported: the paths this mod
     resolve_models_dir,
 )
 
-from .requantize import QuantizeReport, RequantizeError, quantize_gguf
+from .requantize import QuantizeReport, quantize_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def prepare_default_models(
             report: QuantizeReport = quantize_gguf(
                 models.draft_q4_1_gguf, models.draft_q4_0_gguf, "Q4_0", progress=progress
             )
-        except (RequantizeError, OSError) as exc:
+        except (GGUFError, OSError) as exc:  # RequantizeError, or its output's header
             raise PrepareError(f"deriving {models.draft_q4_0_gguf.name} failed: {exc}") from exc
         logger.info("derived Q4_0 draft: %.1f MB, tensor types %s", report.size_bytes / 1e6,
                     report.tensor_types)
