@@ -37,7 +37,6 @@ PROMPTS = (
     "Write a haiku about autumn rain.",
 )
 SETTINGS = {"T=1.0": SamplingParams(1.0, 0, 1.0), "T=0.7,top-k=40": SamplingParams(0.7, 40, 1.0)}
-MODES = SPECULATIVE_MODES  # the modes whose bytes per token differ
 
 
 @dataclass
@@ -56,9 +55,9 @@ class Row:
 
 async def measure(client: DeviceClient, prompts: list[list[int]], tokens: int, gamma: int) -> list[Row]:
     rows = []
-    with tqdm(total=len(SETTINGS) * len(MODES) * len(prompts), file=sys.stderr, desc="generations") as bar:
+    with tqdm(total=len(SETTINGS) * len(SPECULATIVE_MODES) * len(prompts), file=sys.stderr, desc="generations") as bar:
         for setting, params in SETTINGS.items():
-            for mode in MODES:
+            for mode in SPECULATIVE_MODES:  # the modes whose bytes per token differ
                 row = Row(setting, mode, 0, 0, 0)
                 for seed, ids in enumerate(prompts):
                     cfg = GenerationConfig(mode=mode, max_new_tokens=tokens, sampling=params, gamma=gamma,
