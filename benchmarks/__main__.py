@@ -168,11 +168,11 @@ def _models(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     if args.tiny or args.command == "quick":
         if args.target or args.draft:
             return Path(args.target), Path(args.draft)
-        from tests.fixtures.tiny_models import build_tiny_pair
+        from quantize.tiny import build_tiny_pair
 
         pair = build_tiny_pair(out / "tiny_models")
         return pair.target_gguf, pair.draft_gguf
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     d = default_models()
     target = args.target or d.target_gguf
@@ -207,12 +207,12 @@ def adaptive_config_from_args(args: argparse.Namespace) -> AdaptiveConfig:
     from benchmarks.adaptive import AdaptiveConfig
 
     if args.tiny:
-        from tests.fixtures.tiny_models import build_tiny_pair
+        from quantize.tiny import build_tiny_pair
 
         pair = build_tiny_pair(args.out / "tiny_models")
         target, drafts = pair.target_gguf, [("tiny", pair.draft_gguf)]
     else:
-        from quantize.defaults import default_models
+        from dssd_common.models import default_models
 
         d = default_models()
         known = {"q4_1": d.draft_q4_1_gguf, "q4_0": d.draft_q4_0_gguf}

@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig
+from dssd_common.models import default_models
 from edge_service.backends.torch_backend import TorchTargetModel
 from edge_service.server import EdgeServerThread, ServerConfig
+from protocol.modes import SPECULATIVE_MODES
 from protocol.sampling import SamplingParams
-from quantize.defaults import default_models
 
 PROMPTS = (
     "Explain why the sky is blue.",
@@ -36,7 +37,6 @@ PROMPTS = (
     "Write a haiku about autumn rain.",
 )
 SETTINGS = {"T=1.0": SamplingParams(1.0, 0, 1.0), "T=0.7,top-k=40": SamplingParams(0.7, 40, 1.0)}
-MODES = ("dssd", "dssd-paper", "dsd")
 
 
 @dataclass
@@ -55,9 +55,9 @@ class Row:
 
 async def measure(client: DeviceClient, prompts: list[list[int]], tokens: int, gamma: int) -> list[Row]:
     rows = []
-    with tqdm(total=len(SETTINGS) * len(MODES) * len(prompts), file=sys.stderr, desc="generations") as bar:
+    with tqdm(total=len(SETTINGS) * len(SPECULATIVE_MODES) * len(prompts), file=sys.stderr, desc="generations") as bar:
         for setting, params in SETTINGS.items():
-            for mode in MODES:
+            for mode in SPECULATIVE_MODES:  # the modes whose bytes per token differ
                 row = Row(setting, mode, 0, 0, 0)
                 for seed, ids in enumerate(prompts):
                     cfg = GenerationConfig(mode=mode, max_new_tokens=tokens, sampling=params, gamma=gamma,

@@ -325,7 +325,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     d = default_models()
     p = argparse.ArgumentParser(

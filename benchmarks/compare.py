@@ -38,12 +38,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from benchmarks.link import LinkEmulator, LinkProfile
 from protocol import costmodel as cm
+from protocol.modes import MODES, SPECULATIVE_MODES
 from protocol.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-ALL_MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
-SPECULATIVE = ("dssd", "dssd-paper", "dsd")
+ALL_MODES = MODES  # every mode is compared
+SPECULATIVE = SPECULATIVE_MODES
 
 #: Named link profiles (issue 6). RTT is split evenly between the two directions.
 PROFILES: dict[str, LinkProfile] = {
@@ -548,7 +549,7 @@ def rebuild_report(src: Path, out: Path | None = None, *, plots: bool = True) ->
 
 def _n_vocab(path: Path) -> int:
     try:
-        from quantize.requantize import read_token_strings
+        from dssd_common.gguf_header import read_token_strings
 
         return len(read_token_strings(path))
     except Exception:  # noqa: BLE001 - only used for the analytic model

@@ -14,11 +14,12 @@ from typing import Any
 
 from benchmarks.compare import CompareConfig, SAMPLINGS, run_compare
 from benchmarks.link import LinkProfile
+from protocol.modes import MODES, SPECULATIVE_MODES
 
 PAPER_GAMMAS = (2, 4, 6, 8)
 PAPER_RTTS_MS = (0.0, 20.0, 50.0)
 PAPER_MBPS = (10.0, 50.0, 100.0)
-PAPER_MODES = ("dssd", "dssd-paper", "dsd")
+PAPER_MODES = SPECULATIVE_MODES  # the paper's three methods
 
 
 def paper_profiles(rtts_ms=PAPER_RTTS_MS, bandwidths_mbps=PAPER_MBPS) -> list[LinkProfile]:  # noqa: ANN001
@@ -27,7 +28,7 @@ def paper_profiles(rtts_ms=PAPER_RTTS_MS, bandwidths_mbps=PAPER_MBPS) -> list[Li
 
 def paper_config(base: CompareConfig) -> CompareConfig:
     """Forces the paper's modes (plus the baselines) and sampling onto a config."""
-    base.modes = PAPER_MODES + ("edge-only", "device-only")  # device-only: measures t_draft for the model
+    base.modes = MODES  # the baselines too: edge-only, and device-only to measure t_draft for the model
     base.samplings = [("t1-k10", SAMPLINGS["t1-k10"])]
     return base
 

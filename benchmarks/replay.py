@@ -206,7 +206,7 @@ def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
 def main(args: Any) -> int:
     """The CLI (`python -m benchmarks replay`)."""
     if not args.traces.exists():
-        from quantize.defaults import default_models
+        from dssd_common.models import default_models
 
         d = default_models()
         traces = build_traces(d.target_gguf, {"q4_0": d.draft_q4_0_gguf, "q4_1": d.draft_q4_1_gguf},

@@ -21,8 +21,8 @@ import psutil
 
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig
+from dssd_common.models import default_models
 from protocol.sampling import SamplingParams
-from quantize.defaults import default_models
 
 PROMPTS = ("Why is the sky blue?", "Name three rivers.", "What is a prime number?", "Say hello in French.")
 GREEDY = SamplingParams(0.0)

@@ -21,8 +21,10 @@ import sys
 
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.gamma import DEFAULT_MAX_GAMMA
-from device_runtime.session import MODES, DeviceClient, GenerationConfig
+from device_runtime.session import DeviceClient, GenerationConfig
 from device_runtime.transport import EdgeError
+from protocol.downlink import DOWNLINKS
+from protocol.modes import MODES
 from protocol.sampling import SamplingParams
 from protocol.wire import WireError
 
@@ -41,7 +43,7 @@ def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     p = argparse.ArgumentParser(
         prog="python -m device_runtime",
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--downlink", choices=("auto", "full", "support", "candidates"), default="auto",
+    p.add_argument("--downlink", choices=DOWNLINKS, default="auto",
                    help="how P_j comes down after a rejection in dssd (all exact)")
     p.add_argument("--fallback", action="store_true",
                    help="when an edge that accepted this request is lost mid-generation, continue with the "
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     drafter = LlamaDrafter(args.model or default_models().draft_q4_0_gguf,
                            n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
@@ -150,7 +152,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     p = argparse.ArgumentParser(
         prog="python -m device_runtime serve",
@@ -187,7 +189,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> int:
     from device_runtime.api import DeviceRuntime
     from device_runtime.openai_server import serve_forever
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     args = build_serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -30,8 +30,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from device_runtime.drafter import LlamaDrafter
-from device_runtime.session import MODES, DeviceClient, GenerationConfig, GenerationStats
+from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
+from dssd_common.loop_thread import LoopThread
+from protocol.downlink import DOWNLINKS
+from protocol.modes import MODES
 from protocol.sampling import SamplingParams
+from protocol.wire import MAX_SEED
 
 try:  # a dropped connection surfaces from websockets' send() as ConnectionClosed
     from websockets.exceptions import ConnectionClosed as _WsClosed
@@ -49,9 +53,6 @@ __all__ = [
     "RuntimeBusy",
     "EdgeUnavailable",
 ]
-
-DOWNLINKS = ("auto", "full", "support")
-MAX_SEED = 2**63 - 1
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -336,9 +337,8 @@ class DeviceRuntime:
             "bytes_up", "bytes_down"), 0)
         self._lock = threading.Lock()
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="dssd-engine", daemon=True)
-        self._thread.start()
+        self._engine = LoopThread("dssd-engine")
+        self._engine.start()
         self._free: asyncio.Queue[_Slot] = self._call(self._make_queue())
 
     async def _make_queue(self) -> "asyncio.Queue[_Slot]":
@@ -374,10 +374,7 @@ class DeviceRuntime:
             self._call(self._shutdown(), timeout=30)
         except Exception:  # noqa: BLE001
             pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._engine.stop(timeout=30)
         if self._own_drafters:
             for d in self._drafters:
                 d.close()
@@ -392,10 +389,10 @@ class DeviceRuntime:
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the engine loop and wait for it (not from the engine thread)."""
-        if threading.current_thread() is self._thread:
+        if self._engine.in_loop_thread():
             coro.close()
             raise RuntimeError("DeviceRuntime's blocking methods cannot be called from its own callbacks")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._engine.run(coro, timeout)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -467,7 +464,7 @@ class DeviceRuntime:
                 raise RuntimeError("this DeviceRuntime is closed")
             if len(self._pending) >= len(self._slots) + self.max_queue:
                 raise RuntimeBusy(f"{len(self._pending)} requests are running or queued; try again later")
-            fut = asyncio.run_coroutine_threadsafe(self._execute(spec, sink), self._loop)
+            fut = self._engine.submit(self._execute(spec, sink))
             self._pending.add(fut)
         fut.add_done_callback(self._done)
         return fut
@@ -593,7 +590,7 @@ class DeviceRuntime:
                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, mode=mode, gamma=gamma,
                           downlink=downlink)
         q: queue.Queue = queue.Queue()
-        return TokenStream(self._submit(spec, q.put), q, self._thread)
+        return TokenStream(self._submit(spec, q.put), q, self._engine.thread)
 
     def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Completion:
         """Generate to the end; same arguments as `stream`. Returns a `Completion`."""
@@ -633,40 +630,58 @@ class DeviceRuntime:
         return s.result
 
 
-class TokenStream:
+class _StreamEvents:
+    """What both streams do with the engine's events, so the sync and async ones agree.
+
+    The engine reports ("started", info), ("piece", Piece), ("done", Completion) or
+    ("error", exception) through a queue; only how the queue is read differs.
+    """
+
+    def __init__(self, fut: concurrent.futures.Future) -> None:
+        self._fut = fut
+        self.result: Completion | None = None
+        self.info: dict[str, Any] | None = None
+        self._finished = False
+
+    def _handle(self, event: tuple) -> Piece | None:
+        """Apply one event: the piece to hand out, else None; a request's error is raised."""
+        kind, payload = event
+        if kind == "started":
+            self.info = payload
+        elif kind == "piece":
+            return payload
+        elif kind == "done":
+            self.result, self._finished = payload, True
+        else:
+            self._finished = True
+            raise payload
+        return None
+
+    def cancel(self) -> None:
+        self._finished = True
+        self._fut.cancel()
+
+
+class TokenStream(_StreamEvents):
     """Iterator of `Piece`s for one request; `.result` is the `Completion` once finished."""
 
     def __init__(self, fut: concurrent.futures.Future, q: "queue.Queue[tuple]", engine: threading.Thread) -> None:
-        self._fut = fut
+        super().__init__(fut)
         self._q = q
         self._engine = engine
-        self.result: Completion | None = None
-        self.info: dict[str, Any] = {}
-        self._finished = False
+        self.info = {}  # never None for the sync stream: it has no started() to wait on
 
     def __iter__(self) -> Iterator[Piece]:
         if threading.current_thread() is self._engine:
             raise RuntimeError("cannot iterate a TokenStream from the runtime's own callbacks")
         try:
             while not self._finished:
-                kind, payload = self._q.get()
-                if kind == "started":
-                    self.info = payload
-                elif kind == "piece":
-                    yield payload
-                elif kind == "done":
-                    self.result = payload
-                    self._finished = True
-                else:
-                    self._finished = True
-                    raise payload
+                piece = self._handle(self._q.get())
+                if piece is not None:
+                    yield piece
         finally:
             if not self._finished:
                 self.cancel()
-
-    def cancel(self) -> None:
-        self._finished = True
-        self._fut.cancel()
 
     def __enter__(self) -> "TokenStream":
         return self
@@ -676,15 +691,12 @@ class TokenStream:
             self.cancel()
 
 
-class AsyncTokenStream:
+class AsyncTokenStream(_StreamEvents):
     """Async iterator of `Piece`s; `await started()` waits for a slot and raises request errors."""
 
     def __init__(self, fut: concurrent.futures.Future, q: "asyncio.Queue[tuple]") -> None:
-        self._fut = fut
+        super().__init__(fut)
         self._q = q
-        self.result: Completion | None = None
-        self.info: dict[str, Any] | None = None
-        self._finished = False
         self._buffer: list[Piece] = []
 
     async def _next(self) -> tuple:
@@ -702,16 +714,9 @@ class AsyncTokenStream:
         while self.info is None:
             if self._finished:
                 raise RuntimeError("the stream has finished")
-            kind, payload = await self._next()
-            if kind == "started":
-                self.info = payload
-            elif kind == "piece":
-                self._buffer.append(payload)
-            elif kind == "done":
-                self.result, self._finished = payload, True
-            else:
-                self._finished = True
-                raise payload
+            piece = self._handle(await self._next())
+            if piece is not None:
+                self._buffer.append(piece)
         return self.info
 
     async def __aiter__(self) -> AsyncIterator[Piece]:
@@ -719,23 +724,12 @@ class AsyncTokenStream:
             while self._buffer:
                 yield self._buffer.pop(0)
             while not self._finished:
-                kind, payload = await self._next()
-                if kind == "started":
-                    self.info = payload
-                elif kind == "piece":
-                    yield payload
-                elif kind == "done":
-                    self.result, self._finished = payload, True
-                else:
-                    self._finished = True
-                    raise payload
+                piece = self._handle(await self._next())
+                if piece is not None:
+                    yield piece
         finally:
             if not self._finished:
                 self.cancel()
-
-    def cancel(self) -> None:
-        self._finished = True
-        self._fut.cancel()
 
     async def aclose(self) -> None:
         if not self._finished:

@@ -3,7 +3,8 @@
 llama.cpp's own sampler does not return the distribution it sampled from, and the
 verification is exact only with that distribution, so the drafter reads raw logits and
 samples with `protocol.sampling`. Q rows of the current draft are kept in a
-preallocated buffer for the residual resample after a rejection.
+preallocated buffer for the residual resample after a rejection. What that needs of
+llama-cpp-python beyond its public `Llama` API goes through `device_runtime.llama_adapter`.
 """
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from dssd_common.prefix import common_prefix_len
 from protocol.sampling import SamplingParams, probabilities, sample
+
+if TYPE_CHECKING:
+    from device_runtime.llama_adapter import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +49,19 @@ class LlamaDrafter:
     ) -> None:
         """`n_gpu_layers`: layers offloaded to a GPU (Jetson; -1 for all) when llama.cpp was
         built with CUDA/Metal/Vulkan; the default 0 keeps the whole draft on the CPU."""
-        import llama_cpp
+        # imported here, as llama_cpp was: importing device_runtime does not load llama.cpp
+        from device_runtime.llama_adapter import LlamaModel
 
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"draft model not found: {path}")
         threads = n_threads or os.cpu_count() or 1
-        kwargs: dict = {}
-        if f32_kv_cache:  # bit-comparable with torch in tests; the f16 default differs by ~1e-2
-            kwargs.update(type_k=0, type_v=0, flash_attn=False)
-        self._llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=min(512, n_ctx),
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=n_gpu_layers,
-            logits_all=False,
-            verbose=False,
-            **kwargs,
-        )
+        # f32_kv_cache: bit-comparable with torch in tests; the f16 default differs by ~1e-2
+        self._model: LlamaModel = LlamaModel.open(path, n_ctx=n_ctx, n_threads=threads,
+                                                  n_gpu_layers=n_gpu_layers, exact=f32_kv_cache)
+        self.llm = self._model.llm  # the public llama_cpp.Llama API: eval, tokenize, metadata
         self.path = path
-        self.n_vocab = int(self.llm.n_vocab())
+        self.n_vocab = self._model.n_vocab
         self.n_ctx = n_ctx
         self._tokens: list[int] = []  # exactly what the KV cache holds
         self._eog: tuple[int, ...] | None = None
@@ -80,17 +75,13 @@ class LlamaDrafter:
     # -- vocabulary -----------------------------------------------------------------
 
     def vocab_tokens(self) -> list[bytes]:
-        vocab = self.llm._model.vocab
-        n = self._llama_cpp.llama_vocab_n_tokens(vocab)
-        return [self._llama_cpp.llama_vocab_get_text(vocab, i) for i in range(n)]
+        return self._model.vocab_texts()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """End-of-generation ids as llama.cpp defines them (EOS, EOT, ...)."""
         if self._eog is None:
-            vocab = self.llm._model.vocab
-            is_eog = self._llama_cpp.llama_vocab_is_eog
-            self._eog = tuple(i for i in range(self.n_vocab) if is_eog(vocab, i))
+            self._eog = self._model.eog_ids()
         return self._eog
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -101,20 +92,10 @@ class LlamaDrafter:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for chat messages, through the GGUF's own chat template."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"{self.path.name} has no chat template; pass a plain prompt")
-        bos = self._token_text(self.llm.token_bos())
-        eos = self._token_text(self.llm.token_eos())
-        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        return fmt(messages=messages).prompt
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._llama_cpp.llama_vocab_get_text(self.llm._model.vocab, token).decode("utf-8", "replace")
+        return self._model.chat_prompt(template, messages)
 
     # -- decoding -------------------------------------------------------------------
 
@@ -125,13 +106,8 @@ class LlamaDrafter:
             raise ValueError("need at least one token of context")
         if n > self.n_ctx:
             raise ValueError(f"context of {n} tokens exceeds the draft's n_ctx {self.n_ctx}")
-        keep = 0
-        for a, b in zip(self._tokens, committed):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, n - 1)  # the last token is re-evaluated to get its logits
-        self.llm.n_tokens = keep  # Llama.eval drops the KV cache beyond n_tokens
+        keep = min(common_prefix_len(self._tokens, committed), n - 1)  # the last token is re-evaluated
+        self._model.truncate(keep)
         del self._tokens[keep:]
         self._eval(committed[keep:])
         return self._last_logits()
@@ -141,8 +117,7 @@ class LlamaDrafter:
         self._tokens.extend(ids)
 
     def _last_logits(self) -> np.ndarray:
-        ptr = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self._model.last_logits()
 
     def draft(
         self,
@@ -194,4 +169,4 @@ class LlamaDrafter:
         return int(self.draft(committed, 1, params, rng).ids[0])
 
     def close(self) -> None:
-        self.llm.close()
+        self._model.close()

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -28,6 +27,7 @@ from device_runtime.api import (
     RuntimeBusy,
 )
 from device_runtime.transport import EdgeError
+from dssd_common.loop_thread import ServerThread
 from protocol.wire import ErrorCode, WireError
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ async def serve_forever(runtime: DeviceRuntime, *, host: str, port: int, model_n
         await server.close()
 
 
-class OpenAIServerThread:
+class OpenAIServerThread(ServerThread[OpenAIServer]):
     """Runs an `OpenAIServer` on its own event loop in a background thread (tests, embedding).
 
     `base_url` (http://HOST:PORT/v1) is valid inside the `with` block.
@@ -465,19 +465,8 @@ class OpenAIServerThread:
 
     def __init__(self, runtime: DeviceRuntime, *, host: str = "127.0.0.1", port: int = 0,
                  model_name: str | None = None) -> None:
-        self.server = OpenAIServer(runtime, host=host, port=port, model_name=model_name)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-server", daemon=True)
-        self.base_url = ""
+        super().__init__(OpenAIServer(runtime, host=host, port=port, model_name=model_name), name="openai-server")
 
-    def __enter__(self) -> "OpenAIServerThread":
-        self._thread.start()
-        port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
-        self.base_url = f"http://{self.server.host}:{port}/v1"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=60)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=60)
-        self._loop.close()
+    @property
+    def base_url(self) -> str:
+        return "" if self.port is None else f"http://{self.server.host}:{self.port}/v1"

@@ -24,14 +24,15 @@ from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
 from protocol import wire
 from protocol.checks import check_tokens, check_verdict
 from protocol.downlink import CandidateBudget, next_request_size, resample_from_verdict
+from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind
 from protocol.vocab import vocab_fingerprint
+from protocol.wire import MAX_SEED
 
 log = logging.getLogger(__name__)
 
-MODES = ("dssd", "dssd-paper", "dsd", "edge-only", "device-only")
 #: on_tokens(ids, text, verified): committed ids, the text now safe to show, and whether
 #: the target verified them (False for fallback tokens from the draft alone).
 TokenCallback = Callable[[list[int], str, bool], None]
@@ -77,8 +78,8 @@ class GenerationConfig:
             raise ValueError("max_new_tokens must be >= 1")
         if self.gamma is not None and self.gamma < 0:
             raise ValueError("gamma must be >= 0 (or None for adaptive)")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError("seed must be in [0, 2^63)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}]")
         if self.n_candidates is not None and not 1 <= self.n_candidates <= 255:
             raise ValueError("n_candidates must be in [1, 255] (or None for adaptive)")
 

@@ -14,7 +14,7 @@ from edge_service.session import EdgeLimits
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     p = argparse.ArgumentParser(
         prog="python -m edge_service",
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> None:
     from edge_service.backends.torch_backend import TorchTargetModel
-    from quantize.defaults import default_models
+    from dssd_common.models import default_models
 
     model_path = args.model or default_models().target_gguf
     if args.backend == "onnx":  # an edge-export directory; CUDA when --device is cuda

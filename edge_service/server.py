@@ -36,6 +36,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from dssd_common.loop_thread import ServerThread
 from edge_service.backends.base import TargetModel
 from edge_service.metrics import EdgeMetrics
 from edge_service.scheduler import BatchConfig, VerifyScheduler
@@ -427,7 +428,7 @@ async def _refuse(ws: ServerConnection, code: ErrorCode, message: str, timeout: 
         pass
 
 
-class EdgeServerThread:
+class EdgeServerThread(ServerThread[EdgeServer]):
     """Runs an `EdgeServer` on its own event loop in a background thread.
 
     For embedding an edge in another process: tests, benchmarks and the demo. Use as a
@@ -435,21 +436,8 @@ class EdgeServerThread:
     """
 
     def __init__(self, model: TargetModel, config: ServerConfig | None = None) -> None:
-        import threading
+        super().__init__(EdgeServer(model, config or ServerConfig(port=0)), name="edge-server")
 
-        self.server = EdgeServer(model, config or ServerConfig(port=0))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="edge-server", daemon=True)
-        self.url = ""
-
-    def __enter__(self) -> "EdgeServerThread":
-        self._thread.start()
-        port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
-        self.url = f"{self.server.scheme}://{self.server.config.host}:{port}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=60)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=60)
-        self._loop.close()
+    @property
+    def url(self) -> str:
+        return "" if self.port is None else f"{self.server.scheme}://{self.server.config.host}:{self.port}"

@@ -14,26 +14,25 @@ from typing import Any
 
 import numpy as np
 
+from dssd_common.prefix import common_prefix_len
 from edge_service.backends.base import TargetModel, TargetSequence
 from protocol import wire
 from protocol.downlink import (
     DOWNLINKS,
     MAX_CANDIDATES,
     MAX_MORE_PER_ROUND,
-    MODES,
     candidates_message,
     choose_downlink,
     encode_rejection,
 )
+from protocol.modes import EDGE_MODES as MODES  # the modes this edge serves
 from protocol.sampling import EDGE_STREAM, SamplingParams, probabilities, rng_for, sample
 from protocol.stats import RoundStats
 from protocol.verification import VerdictKind, dsd_verify, edge_verify, greedy_verify
 from protocol.vocab import vocab_fingerprint
-from protocol.wire import ErrorCode
+from protocol.wire import MAX_SEED, ErrorCode
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -225,11 +224,7 @@ class EdgeSession:
         if self._seq is None:
             self._seq = self.model.new_sequence()
             self._cached = []
-        keep = 0
-        for a, b in zip(self._cached, ids):
-            if a != b:
-                break
-            keep += 1
+        keep = common_prefix_len(self._cached, ids)
         self._seq.rollback(keep)
         self._cached = self._cached[:keep]
         if keep < len(ids):

@@ -32,9 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-#: Protocol modes the model knows (same names as device_runtime.session.MODES).
-SPECULATIVE_MODES = ("dssd", "dssd-paper", "dsd")
-MODES = SPECULATIVE_MODES + ("edge-only", "device-only")
+from protocol.modes import SPECULATIVE_MODES  # noqa: F401  (the modes this model prices)
 
 #: Protocol frame header (protocol/wire.py).
 FRAME_HEADER_BYTES = 16

@@ -27,8 +27,7 @@ from protocol.verification import (
     draw_candidates,
 )
 
-#: Request modes the edge serves ("device-only" never reaches the edge).
-MODES = ("dssd", "dssd-paper", "dsd", "edge-only")
+#: Downlink encodings a request may ask for (module docstring); the one list of them.
 DOWNLINKS = ("auto", "full", "support", "candidates")
 #: Candidates sent when the device did not say how many it wants.
 DEFAULT_CANDIDATES = 4

@@ -276,6 +276,11 @@ class Welcome:
 _START_HEAD = struct.Struct("<II")  # json length, number of prompt ids
 
 
+#: Largest request seed in `Start` (both sides check it): 63 bits, so a seed fits a signed
+#: int64 wherever it is stored, and numpy's SeedSequence takes it as it is.
+MAX_SEED = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class Start:
     """Device -> edge: begin a request. `prompt_ids` is the whole context to prefill."""

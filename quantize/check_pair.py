@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from dssd_common.gguf_header import GGUFError, scan_gguf
 from edge_service.backends.base import TargetModel
 from protocol.sampling import SamplingParams, probabilities, rng_for
 from protocol.vocab import vocab_fingerprint
 
 from .errors import ToolError
-from .requantize import RequantizeError, scan_gguf
 
 if TYPE_CHECKING:
     from device_runtime.drafter import LlamaDrafter
@@ -164,7 +164,7 @@ def _draft_context(path: Path, cap: int = 1024) -> int:
     """Enough context for a chat prompt plus the measured tokens, within what the model was trained on."""
     try:
         meta = scan_gguf(path).metadata
-    except RequantizeError as exc:
+    except GGUFError as exc:
         raise ToolError(str(exc)) from exc
     trained = meta.get(f"{meta.get('general.architecture')}.context_length")
     return min(cap, int(trained)) if isinstance(trained, int) and trained > 0 else cap

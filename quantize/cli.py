@@ -13,9 +13,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from .defaults import MODEL_NAME, MODELS_DIR_ENV, PrepareError, prepare_default_models
+from dssd_common.gguf_header import GGUFError
+from dssd_common.models import MODEL_NAME, MODELS_DIR_ENV
+
+from .defaults import PrepareError, prepare_default_models
 from .errors import ToolError
-from .requantize import QuantizeReport, RequantizeError
+from .requantize import QuantizeReport
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (PrepareError, RequantizeError, ToolError) as exc:
+    except (PrepareError, GGUFError, ToolError) as exc:  # RequantizeError is a GGUFError
         sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
         return 1
     except KeyboardInterrupt:

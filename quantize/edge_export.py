@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from dssd_common.gguf_header import GGUFError, read_token_strings, scan_gguf
 from edge_service.backends.onnx_backend import MANIFEST_NAME, OnnxManifest, OnnxTargetModel
 
 from .errors import ToolError
 from .onnx_export import OnnxExportError, export_onnx, quantize_int8, reference_logits
-from .requantize import RequantizeError, read_token_strings, scan_gguf
 from .tokenizer_meta import hf_pre_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _load_with_transformers(src: Path) -> _Source:
     try:
         tokens = read_token_strings(src)
         pre = scan_gguf(src).metadata.get("tokenizer.ggml.pre")
-    except RequantizeError as exc:
+    except GGUFError as exc:
         raise EdgeExportError(str(exc)) from exc
     kwargs = {"gguf_file": src.name}
     loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kwargs)

@@ -19,7 +19,9 @@ from pathlib import Path
 import gguf
 
 from .errors import ToolError
-from .requantize import QuantizeReport, quantize_gguf, scan_gguf
+from dssd_common.gguf_header import scan_gguf
+
+from .requantize import QuantizeReport, quantize_gguf
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ Q8_0, Q4_K_M, ...) therefore goes through a plain F16 GGUF first:
 1. :func:`dequantize_to_f16` rewrites every tensor with ``gguf.quants.dequantize``
    into F16 (1-D tensors such as norms stay F32, as llama.cpp expects) and copies all
    key/value metadata, tokenizer included, with ``gguf.GGUFWriter``.
-2. :func:`quantize_gguf` hands such a file to ``llama_cpp.llama_model_quantize``.
+2. :func:`quantize_gguf` hands such a file to llama.cpp's ``llama_model_quantize``
+   (through :mod:`device_runtime.llama_adapter`).
 
 All outputs are written under a temporary name in the destination directory and
 renamed into place, so an interrupted run never leaves a truncated model behind
@@ -18,14 +19,10 @@ that a later run would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import mmap
 import os
-import struct
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 import gguf
+
+from dssd_common.gguf_header import GGUFError, scan_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +51,12 @@ _INT_TYPES = frozenset(
 _FTYPE_MOSTLY_F16 = 1
 
 
-class RequantizeError(RuntimeError):
-    """Raised when a GGUF cannot be dequantized or quantized."""
+class RequantizeError(GGUFError):
+    """Raised when a GGUF cannot be dequantized or quantized.
+
+    A `GGUFError` so that callers catch one class for "this model file is unusable",
+    whether reading its header or converting it failed.
+    """
 
 
 @dataclass(frozen=True)
@@ -77,163 +80,6 @@ class QuantizeReport:
         return sum(self.tensor_types.values())
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """One tensor's header entry; ``shape`` in GGUF order (innermost dimension first)."""
-
-    name: str
-    shape: tuple[int, ...]
-    tensor_type: gguf.GGMLQuantizationType
-    offset: int  # relative to the start of the data section
-    n_bytes: int
-
-
-@dataclass(frozen=True)
-class GGUFSummary:
-    """Header of a GGUF file: scalar/string metadata and tensor infos, no tensor data.
-
-    Why not ``gguf.GGUFReader``: it materialises a numpy view per array element, which
-    takes ~7 s on SmolLM2's 98k tokenizer strings; this scan takes milliseconds, so
-    "is the derived file already there and complete?" stays cheap.
-    """
-
-    path: Path
-    version: int
-    metadata: Mapping[str, Any]  # array-valued keys map to their length only
-    tensors: tuple[GGUFTensorInfo, ...]
-    data_start: int
-    file_size: int
-
-    @property
-    def file_type(self) -> int | None:
-        value = self.metadata.get(gguf.Keys.General.FILE_TYPE)
-        return None if value is None else int(value)
-
-    @property
-    def data_end(self) -> int:
-        """Byte just past the last tensor's data; > ``file_size`` means truncated."""
-        return self.data_start + max((t.offset + t.n_bytes for t in self.tensors), default=0)
-
-    @property
-    def complete(self) -> bool:
-        return self.data_end <= self.file_size
-
-    def tensor_type_counts(self) -> dict[str, int]:
-        counts = Counter(t.tensor_type.name for t in self.tensors)
-        return dict(sorted(counts.items()))
-
-
-_SCALAR_FORMATS: dict[gguf.GGUFValueType, str] = {
-    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H", gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
-}
-
-
-def scan_gguf(path: str | os.PathLike[str], string_arrays: frozenset[str] = frozenset()) -> GGUFSummary:
-    """Parse a little-endian GGUF (v2/v3) header without touching tensor data.
-
-    Array-valued keys map to their length, except those named in `string_arrays`,
-    which are read in full (e.g. the tokenizer's token list).
-
-    Raises :class:`RequantizeError` if the file is not a GGUF or its header is cut off.
-    """
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _scan(p, buf, string_arrays)
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise RequantizeError(f"{p}: malformed or truncated GGUF header ({exc})") from exc
-
-
-def _scan(path: Path, buf: mmap.mmap, string_arrays: frozenset[str]) -> GGUFSummary:
-    pos = 0
-
-    def unpack(fmt: str) -> Any:
-        nonlocal pos
-        (value,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return value
-
-    def read_str() -> str:
-        nonlocal pos
-        n = unpack("<Q")
-        if pos + n > len(buf):
-            raise ValueError("string runs past end of file")
-        text = bytes(buf[pos : pos + n]).decode("utf-8")
-        pos += n
-        return text
-
-    def skip_value(vtype: gguf.GGUFValueType) -> None:
-        nonlocal pos
-        if vtype == gguf.GGUFValueType.STRING:
-            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            sub = gguf.GGUFValueType(unpack("<I"))
-            count = unpack("<Q")
-            if sub in _SCALAR_FORMATS:
-                pos += count * struct.calcsize(_SCALAR_FORMATS[sub])
-            else:
-                for _ in range(count):
-                    skip_value(sub)
-        else:
-            pos += struct.calcsize(_SCALAR_FORMATS[vtype])
-
-    if unpack("<I") != gguf.GGUF_MAGIC:
-        raise RequantizeError(f"{path}: not a GGUF file (bad magic)")
-    version = unpack("<I")
-    if version not in (2, 3):
-        raise RequantizeError(f"{path}: unsupported GGUF version {version} (or big-endian file)")
-    n_tensors, n_kv = unpack("<Q"), unpack("<Q")
-
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = read_str()
-        vtype = gguf.GGUFValueType(unpack("<I"))
-        if vtype == gguf.GGUFValueType.STRING:
-            metadata[key] = read_str()
-        elif vtype == gguf.GGUFValueType.ARRAY and key in string_arrays:
-            sub = gguf.GGUFValueType(unpack("<I"))
-            if sub != gguf.GGUFValueType.STRING:
-                raise ValueError(f"{key} is not a string array")
-            metadata[key] = [read_str() for _ in range(unpack("<Q"))]
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            count = struct.unpack_from("<Q", buf, pos + 4)[0]
-            skip_value(vtype)
-            metadata[key] = count
-        else:
-            metadata[key] = unpack(_SCALAR_FORMATS[vtype])
-
-    tensors: list[GGUFTensorInfo] = []
-    for _ in range(n_tensors):
-        name = read_str()
-        n_dims = unpack("<I")
-        shape = tuple(unpack("<Q") for _ in range(n_dims))
-        ttype = gguf.GGMLQuantizationType(unpack("<I"))
-        offset = unpack("<Q")
-        block, type_size = gguf.GGML_QUANT_SIZES[ttype]
-        n_elements = 1
-        for d in shape:
-            n_elements *= d
-        tensors.append(GGUFTensorInfo(name, shape, ttype, offset, n_elements // block * type_size))
-
-    alignment = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
-    data_start = (pos + alignment - 1) // alignment * alignment
-    return GGUFSummary(path, version, metadata, tuple(tensors), data_start, len(buf))
-
-
-def read_token_strings(path: str | os.PathLike[str]) -> list[str]:
-    """The vocabulary (tokenizer.ggml.tokens) in id order; ~100x faster than GGUFReader."""
-    key = "tokenizer.ggml.tokens"
-    tokens = scan_gguf(path, frozenset({key})).metadata.get(key)
-    if not isinstance(tokens, list):
-        raise RequantizeError(f"{path} has no {key}: cannot read its vocabulary")
-    return tokens
-
-
 def read_report(path: str | os.PathLike[str], seconds: float = 0.0) -> QuantizeReport:
     """Build a :class:`QuantizeReport` for an existing GGUF file (header only, fast)."""
     summary = scan_gguf(path)
@@ -252,15 +98,9 @@ def supported_ftypes() -> dict[str, int]:
     Taken from the installed llama_cpp bindings rather than hard-coded, so the list
     always matches the quantizer that will actually run.
     """
-    import llama_cpp  # local: importing loads the shared library (slow, optional for F16)
+    from device_runtime import llama_adapter  # local: loads llama.cpp's shared library (slow, optional for F16)
 
-    names: dict[str, int] = {}
-    for attr in dir(llama_cpp):
-        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
-            names[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
-    if hasattr(llama_cpp, "LLAMA_FTYPE_ALL_F32"):
-        names["F32"] = int(llama_cpp.LLAMA_FTYPE_ALL_F32)
-    return names
+    return llama_adapter.ftype_ids()
 
 
 def dequantize_to_f16(
@@ -382,16 +222,11 @@ def quantize_gguf(
 
 def _llama_quantize(src: Path, dst: Path, ftype: int, *, nthread: int) -> None:
     """Call ``llama_model_quantize``; llama.cpp's per-tensor chatter goes to DEBUG logs."""
-    import llama_cpp
+    from device_runtime import llama_adapter
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = nthread
     logger.info("llama.cpp quantize %s -> ftype %d", src.name, ftype)
     with _llama_logs_at_debug():
-        rc = llama_cpp.llama_model_quantize(
-            os.fsencode(src), os.fsencode(dst), ctypes.byref(params)
-        )
+        rc = llama_adapter.quantize_file(src, dst, ftype, nthread=nthread)
     if rc != 0:
         raise RequantizeError(f"llama_model_quantize({src} -> ftype {ftype}) failed with code {rc}")
 

@@ -26,8 +26,10 @@ def tiny_target(tiny_pair: TinyPair) -> TorchTargetModel:  # noqa: F811
 
 @pytest.fixture(scope="session")
 def tiny_edge(tiny_target: TorchTargetModel) -> Iterator[EdgeServerThread]:
-    """A real WebSocket edge on loopback serving the tiny target."""
-    with EdgeServerThread(tiny_target, ServerConfig(port=0, limits=EdgeLimits(max_new_tokens=512))) as edge:
+    """A real WebSocket edge on loopback serving the tiny target, with the default limits
+    (they hold at any speed: there is no frame-rate cap)."""
+    config = ServerConfig(port=0, limits=EdgeLimits(max_new_tokens=512))
+    with EdgeServerThread(tiny_target, config) as edge:
         yield edge
 
 

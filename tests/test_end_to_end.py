@@ -14,14 +14,15 @@ import pytest
 import torch
 from scipy import stats
 
+from device_runtime.llama_adapter import LlamaModel
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, GenerationConfig, GenerationResult
 from device_runtime.transport import EdgeError
+from protocol.modes import EDGE_MODES
 from protocol.sampling import SamplingParams, probabilities
 from protocol.wire import ErrorCode
 
 GREEDY = SamplingParams(0.0)
-EDGE_MODES = ("dssd", "dssd-paper", "dsd", "edge-only")
 TINY_PROMPTS = ("Hello world", "The cat sat on the", "<|im_start|>user\nWhy is the sky blue?")
 
 
@@ -83,7 +84,7 @@ def test_tiny_device_only_equals_llama_cpp_greedy(tiny_pair, tiny_drafter):  # n
         want = []
         for tok in ref.generate(ids, top_k=1, temp=0.0, reset=True):
             want.append(tok)
-            if llama_cpp.llama_vocab_is_eog(ref._model.vocab, tok) or len(want) == 48:
+            if LlamaModel(ref).is_eog(tok) or len(want) == 48:
                 break
         cfg = GenerationConfig(mode="device-only", max_new_tokens=48, sampling=GREEDY)
         assert run(_client(tiny_drafter, None), [(ids, cfg)])[0].ids == want

@@ -19,7 +19,7 @@ import torch
 from edge_service.backends.base import TargetModel
 from edge_service.backends.onnx_backend import MANIFEST_NAME, OnnxManifest, OnnxTargetModel
 from edge_service.backends.torch_backend import TorchTargetModel
-from tests.fixtures.tiny_models import TinyPair
+from quantize.tiny import TinyPair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [1, 45, 300, 12, 99, 7, 250, 3, 18, 77]

@@ -380,7 +380,7 @@ def test_edge_down_is_503_and_recovers(tiny_pair, tiny_target):  # noqa: ANN001
             edge = EdgeServerThread(tiny_target, ServerConfig(port=port)).__enter__()
             assert c.completions.create(**kw).usage.completion_tokens >= 1
     finally:
-        if edge._thread.is_alive():
+        if edge.running:
             edge.__exit__(None, None, None)
         rt.close()
         drafter.close()
@@ -432,3 +432,10 @@ def test_fuzzed_bodies_never_500(server):  # noqa: ANN001
             assert raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw, (body, raw[-300:])
         else:
             assert "choices" in json.loads(raw)
+
+
+def test_blocking_calls_from_the_engine_thread_are_refused(runtime):  # noqa: ANN001
+    """A blocking method called on the runtime's own loop would deadlock; it raises instead."""
+    with pytest.raises(RuntimeError, match="own callbacks"):
+        runtime._call(runtime._on_engine(lambda: runtime.tokenize(PROMPT)), timeout=30)
+    assert runtime.tokenize(PROMPT)  # the engine is still usable

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import gguf
+from dssd_common.gguf_header import GGUFError, scan_gguf
 from quantize import defaults
 from quantize.defaults import DefaultModels, default_models, prepare_default_models
-from quantize.requantize import RequantizeError, dequantize_to_f16, quantize_gguf, read_report, scan_gguf
+from quantize.requantize import RequantizeError, dequantize_to_f16, quantize_gguf, read_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,7 +213,7 @@ def test_scan_gguf_matches_reader(tmp_path: Path) -> None:
         assert mine.n_bytes == theirs.n_bytes
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(RequantizeError):
+    with pytest.raises(GGUFError):
         scan_gguf(bad)
 
 

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
+from dssd_common.gguf_header import read_token_strings, scan_gguf
 from quantize.check_pair import PairMismatch, check_pair
 from quantize.edge_export import EdgeExportError, edge_export
 from quantize.gguf_quant import needs_super_blocks, requantize
 from quantize.hf_to_gguf import HfToGgufError, convert_hf_to_gguf, permute_rotary_rows
-from quantize.requantize import read_token_strings, scan_gguf
 from quantize.tokenizer_meta import PRE_TOKENIZERS, TokenizerError, detect_pre_tokenizer, hf_pre_tokenizer
-from tests.fixtures.tiny_models import TinyPair
+from quantize.tiny import TinyPair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TEXT = "Hello world! The quick brown fox 12345 jumps over the lazy dog. What is 6789?"
@@ -274,11 +274,11 @@ def test_hf_to_gguf_sentencepiece_tokenizer(tmp_path: Path) -> None:
 
     import sentencepiece
 
-    from tests.fixtures.tiny_models import _CORPUS
+    from quantize.tiny import CORPUS
 
     buffer = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS.split(". ") * 20), model_writer=buffer, vocab_size=400, model_type="bpe",
+        sentence_iterator=iter(CORPUS.split(". ") * 20), model_writer=buffer, vocab_size=400, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
         normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama 2's tokenizer
     )

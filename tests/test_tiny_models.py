@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.fixtures.tiny_models import TinyPair, build_tiny_pair
+from device_runtime.llama_adapter import LlamaModel
+from quantize.tiny import TinyPair, build_tiny_pair
 
 PROMPTS = ("Hello world! The quick brown fox", "What is the capital of France?", "Once upon a time")
 N_GREEDY = 32
@@ -25,16 +26,12 @@ N_GREEDY = 32
 
 def _llama(path: Path, *, logits_all: bool = False) -> llama_cpp.Llama:
     """Exact (f32 KV cache, no flash attention) single-thread llama.cpp context."""
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_threads=1, n_batch=512, logits_all=logits_all,
-        type_k=0, type_v=0, flash_attn=False, verbose=False,
-    )
+    return LlamaModel.open(path, n_ctx=512, n_threads=1, n_batch=512, logits_all=logits_all, exact=True).llm
 
 
 def _last_logits(llm: llama_cpp.Llama) -> np.ndarray:
     """Copy of the logits of the last evaluated token (the buffer is reused by the next decode)."""
-    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+    return LlamaModel(llm).last_logits().copy()
 
 
 def _tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
@@ -92,7 +89,7 @@ def test_tokenizers_agree(tiny_pair: TinyPair, target_llama: llama_cpp.Llama) ->
     assert len(_tokenize(target_llama, "Hello world")) < len("Hello world")  # merges are used
     assert _tokenize(target_llama, "<|im_start|>user") == [1] + _tokenize(target_llama, "user")
     assert target_llama.token_eos() == tiny_pair.eos_token_id
-    assert llama_cpp.llama_vocab_is_eog(target_llama._model.vocab, tiny_pair.eos_token_id)
+    assert LlamaModel(target_llama).is_eog(tiny_pair.eos_token_id)
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 

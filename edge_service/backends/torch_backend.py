@@ -21,7 +21,7 @@ _DTYPES = ("float32", "float16", "bfloat16")
 def read_vocab_tokens(path: Path) -> list[str]:
     """Token strings in id order, as the device's llama.cpp sees them."""
     if path.suffix == ".gguf":
-        from quantize.requantize import read_token_strings
+        from dssd_common.gguf_header import read_token_strings
 
         return read_token_strings(path)
     from transformers import AutoTokenizer

@@ -1,0 +1,65 @@
+"""Where the project's default model pair lives (paths only; nothing is created here).
+
+Why here and not in `quantize.defaults`: both runtimes' CLIs default to these files, and
+importing model preparation (pip, llama.cpp's quantizer) for a path made the runtimes
+point up at `quantize`. `quantize.defaults.prepare_default_models` materialises them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Human-readable name of the default model.
+MODEL_NAME = "SmolLM2-135M-Instruct"
+#: Environment variable that overrides the default models directory.
+MODELS_DIR_ENV = "DSSD_MODELS_DIR"
+#: Default models directory, relative to the current working directory.
+DEFAULT_MODELS_DIR = Path("models")
+
+Q4_1_FILENAME = "smollm2-135m-instruct-q4_1.gguf"
+Q4_0_FILENAME = "smollm2-135m-instruct-q4_0.gguf"
+
+
+@dataclass(frozen=True)
+class DefaultModels:
+    """Paths of the default model files (they may not exist yet).
+
+    ``target_gguf`` and ``draft_q4_1_gguf`` are the same file on purpose: the edge
+    dequantizes it to fp32, the device runs it as Q4_1.
+    """
+
+    models_dir: Path
+    target_gguf: Path
+    draft_q4_1_gguf: Path
+    draft_q4_0_gguf: Path
+
+    def missing(self) -> list[Path]:
+        """Files that do not exist yet (empty when prepared)."""
+        return [p for p in (self.draft_q4_1_gguf, self.draft_q4_0_gguf) if not p.is_file()]
+
+
+def resolve_models_dir(models_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The models directory: explicit argument, else ``$DSSD_MODELS_DIR``, else ``./models``.
+
+    Returned absolute, so the paths stay valid if the caller later changes directory.
+    """
+    if models_dir is not None and str(models_dir) != "":
+        chosen = Path(models_dir)
+    elif os.environ.get(MODELS_DIR_ENV):
+        chosen = Path(os.environ[MODELS_DIR_ENV])
+    else:
+        chosen = DEFAULT_MODELS_DIR
+    return chosen.expanduser().absolute()
+
+
+def default_models(models_dir: str | os.PathLike[str] | None = None) -> DefaultModels:
+    """Paths of the default models in the resolved models directory; creates nothing."""
+    root = resolve_models_dir(models_dir)
+    q4_1 = root / Q4_1_FILENAME
+    return DefaultModels(
+        models_dir=root,
+        target_gguf=q4_1,
+        draft_q4_1_gguf=q4_1,
+        draft_q4_0_gguf=root / Q4_0_FILENAME,
+    )

@@ -1,0 +1,65 @@
+"""The layers point down only, and the shared constants have one definition.
+
+    tests
+    benchmarks
+    quantize
+    device_runtime, edge_service   (siblings: neither imports the other)
+    protocol, dssd_common          (siblings: neither imports the other)
+
+Checked on the source (every import statement, including those inside functions), so a
+layer that points up fails here rather than as an import cycle or a package that only
+works from a checkout.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from device_runtime.api import RequestError, _check_options
+from protocol.downlink import DOWNLINKS
+from protocol.modes import EDGE_MODES, MODES, SPECULATIVE_MODES
+from protocol.wire import MAX_SEED
+
+REPO = Path(__file__).resolve().parents[1]
+RANK = {"protocol": 0, "dssd_common": 0, "device_runtime": 1, "edge_service": 1, "quantize": 2,
+        "benchmarks": 3, "tests": 4}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in a file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, a.name.split(".")[0]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module.split(".")[0]))
+    return out
+
+
+def test_layers_point_down_only() -> None:
+    wrong = []
+    for package, rank in RANK.items():
+        for path in sorted((REPO / package).rglob("*.py")):
+            for line, target in _imports(path):
+                if target in RANK and target != package and RANK[target] >= rank:
+                    wrong.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert wrong == []
+
+
+def test_modes_nest() -> None:
+    assert set(SPECULATIVE_MODES) < set(EDGE_MODES) < set(MODES)
+    assert set(MODES) - set(EDGE_MODES) == {"device-only"}
+
+
+@pytest.mark.parametrize("downlink", DOWNLINKS)
+def test_the_api_accepts_every_downlink(downlink: str) -> None:
+    _check_options(max_tokens=8, temperature=0.7, top_k=40, top_p=0.95, seed=MAX_SEED, stop=None, mode="dssd",
+                   gamma=4, downlink=downlink, max_gamma=16)
+
+
+def test_the_api_refuses_a_seed_past_the_bound() -> None:
+    with pytest.raises(RequestError, match="seed"):
+        _check_options(max_tokens=8, temperature=0.7, top_k=40, top_p=0.95, seed=MAX_SEED + 1, stop=None,
+                       mode="dssd", gamma=4, downlink="auto", max_gamma=16)
