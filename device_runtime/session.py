@@ -106,6 +106,13 @@ class GenerationStats:
     unverified_tokens: int = 0  # produced by the draft alone while the edge was lost
     fallback_events: int = 0
     reconnects: int = 0
+    #: per round: tokens committed, and where its drafts came from ("inline": drafted after
+    #: the previous verdict; "ahead": all drafted while it was in flight; "extended": made
+    #: ahead and finished in line). A trace for diagnostics and the law tests.
+    round_tokens: list[int] = field(default_factory=list)
+    round_sources: list[str] = field(default_factory=list)
+    #: generated tokens committed when the request was resumed on a new connection
+    resumed_at: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -379,6 +386,7 @@ class DeviceClient:
                 reached = True
                 if attempt:
                     stats.reconnects += 1
+                    stats.resumed_at.append(len(out.ids))
                 await self._request(link, prompt, config, out, stats, rng, attempt)
                 return
             except (ConnectionError, OSError, asyncio.TimeoutError, WebSocketException, EdgeError) as exc:
@@ -504,6 +512,7 @@ class DeviceClient:
             remaining = config.max_new_tokens - len(out.ids) - 1
             gamma = min(control.choose() if control else max_gamma, remaining)
             inline: int | None  # tokens drafted in line this round; None: all made ahead
+            source = "inline"
             if ahead is not None and gamma > 0:
                 n_ahead = len(ahead.ids)
                 stats.pipelined_kept += min(gamma, n_ahead)
@@ -511,6 +520,7 @@ class DeviceClient:
                 if gamma <= n_ahead:
                     d = Draft(ahead.ids[:gamma], ahead.q_draft[:gamma], ahead.q_rows[:gamma])
                     inline = None
+                    source = "ahead"
                 else:
                     # the controller wants more than was drafted ahead (it explores, or grows
                     # during a run of full acceptances): draft only the rest; cutting the
@@ -520,6 +530,7 @@ class DeviceClient:
                                            start=n_ahead + 1)
                     d = Draft(d.ids[1:], d.q_draft[1:], d.q_rows[1:])
                     inline = gamma - n_ahead
+                    source = "extended"
             else:
                 if ahead is not None:
                     stats.pipelined_discarded += len(ahead.ids)
@@ -611,6 +622,8 @@ class DeviceClient:
             round_s = time.perf_counter() - t_round
             stats.rounds.record_round(gamma, j, round_s)
             stats.gammas.append(gamma)
+            stats.round_tokens.append(len(new))
+            stats.round_sources.append(source)
             if control is not None:  # round 1's wait includes the prompt's prefill on the edge
                 control.observe(gamma, j, wait_s, round_s, timed=round_no > 1)
             if out.commit(new):
