@@ -541,3 +541,28 @@ def test_served_fallback_chunks_say_they_are_unverified(tiny_pair, tiny_edge):  
     assert 0 < len(flagged) < len(text_chunks)  # verified text first, then flagged draft text
     final = chunks[-1]["dssd"]
     assert final["exact"] is False and final["unverified_tokens"] > 0
+
+
+def test_an_internal_error_that_repeats_is_final_even_with_fallback(drafter):  # noqa: ANN001
+    """INTERNAL once: reconnect and resume. INTERNAL again: an error, never draft text."""
+    n, fp = drafter.n_vocab, vocab_fingerprint(drafter.vocab_tokens())
+    drafts = [0]
+
+    def reply(w: wire.Welcome, msg: wire.Message) -> list[bytes]:
+        if isinstance(msg, wire.Draft):
+            drafts[0] += 1
+            return [wire.encode(wire.Error(int(ErrorCode.INTERNAL), "internal error on the edge"))]
+        return []
+
+    server, loop, url = _scripted_edge(reply, None, n, fp)
+    emitted: list[int] = []
+    try:
+        client = DeviceClient(drafter, url)
+        with pytest.raises(EdgeError) as err:
+            _generate(client, [5, 6, 7], GenerationConfig(sampling=GREEDY, gamma=2, max_new_tokens=16,
+                                                          pipeline=False, fallback=True),
+                      lambda ids, text, verified: emitted.extend(ids))
+    finally:
+        server.close()
+        loop.call_soon_threadsafe(loop.stop)
+    assert err.value.code == ErrorCode.INTERNAL and drafts[0] == 2 and emitted == []
