@@ -76,12 +76,13 @@ def law_pvalue(target: Any, drafter: LlamaDrafter, url: str, depth: int, make_co
     return float(stats.chisquare(obs, exp).pvalue), results
 
 
-def conditional_pvalue(target: Any, prompt_ids: list[int], records: list[tuple[tuple[int, ...], int]]) -> float:
+def conditional_pvalue(target: Any, prompt_ids: list[int], records: list[tuple]) -> float:
     """Each recorded token against the target's law given its own prefix.
 
-    `records` are (generated prefix, token) pairs at positions chosen by a rule fixed
+    `records` are (generated prefix, token[, tag]) at positions chosen by a rule fixed
     before the token was drawn (e.g. "produced by a round whose drafts were made ahead"),
-    so each token must follow P(. | prompt + prefix). With top-k 2 every position is a
+    so each token must follow P(. | prompt + prefix), also within each tag (any fact
+    about the generation fixed before that token's draws, e.g. an earlier round's outcome). With top-k 2 every position is a
     Bernoulli: per prefix, (hits of the first candidate - n p) / sqrt(n p (1 - p)) is ~N(0, 1);
     the sum of squares over prefixes seen >= 10 times (the rest pooled into one term) is
     chi-square. Far more power on one mechanism than the joint law of all generations.
@@ -89,17 +90,17 @@ def conditional_pvalue(target: Any, prompt_ids: list[int], records: list[tuple[t
     seq = target.new_sequence()
     seq.forward(list(prompt_ids[:-1]))
     rows: dict[tuple[int, ...], np.ndarray] = {}
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for prefix, token in records:
+    groups: dict[tuple, list[int]] = {}
+    for prefix, token, *tag in records:
         if prefix not in rows:
             seq.rollback(len(prompt_ids) - 1)
             logits = seq.forward([prompt_ids[-1], *prefix])[-1]
             rows[prefix] = probabilities(logits, PARAMS).astype(np.float64)
         assert rows[prefix][token] > 0, "a token outside the target's support"
-        groups.setdefault(prefix, []).append(token)
+        groups.setdefault((prefix, *tag), []).append(token)
     seq.release()
     z2, dof, pool = 0.0, 0, [0.0, 0.0, 0.0]  # pooled hits, mean, variance
-    for prefix, tokens in groups.items():
+    for (prefix, *_), tokens in groups.items():
         p_row = rows[prefix]
         first = int(np.flatnonzero(p_row)[0])
         p = p_row[first] / p_row.sum()
@@ -300,11 +301,14 @@ def test_law_with_a_resume_after_a_dropped_round(tiny_target, tiny_edge, drafter
     port = int(tiny_edge.url.rsplit(":", 1)[1])
     with FrameDropProxy(port, drop_after=4) as proxy:
         p, results = law_pvalue(tiny_target, drafter, f"ws://127.0.0.1:{proxy.port}", 6, lambda seed: GenerationConfig(
-            mode="dssd", max_new_tokens=8, sampling=PARAMS, gamma=3, seed=seed, pipeline=False), n=2000,
+            mode="dssd", max_new_tokens=8, sampling=PARAMS, gamma=3, seed=seed, pipeline=False), n=3000,
             fresh_connection=True)
-    assert sum(r.stats.reconnects for r in results) == proxy.drops > 0.95 * 2000, proxy.drops
+    assert sum(r.stats.reconnects for r in results) == proxy.drops > 0.95 * 3000, proxy.drops
     assert p > P_MIN, p
-    resumed = [(tuple(r.ids[:t]), r.ids[t]) for r in results for at in r.stats.resumed_at[:1]
-               for t in range(at, len(r.ids))]
+    # the first token after the resume, per prefix and per outcome of the round before the
+    # drop (both fixed before its draws): a replayed edge stream (the same seed again) would
+    # test it with the very uniforms that accepted or rejected that round's drafts
+    resumed = [(tuple(r.ids[:at]), r.ids[at], r.stats.round_tokens[0]) for r in results
+               for at in r.stats.resumed_at[:1] if at < len(r.ids)]
     p_resumed = conditional_pvalue(tiny_target, drafter.tokenize(PROMPT, add_bos=False), resumed)
     assert p_resumed > P_MIN, p_resumed
