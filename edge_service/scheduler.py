@@ -207,9 +207,11 @@ class VerifyScheduler:
             if len(ready) == 1:
                 seq = sequences[0]
                 assert seq is not None
-                all_logits = [seq.forward(ready[0][1].new_ids)]
+                all_logits = [seq.forward(ready[0][1].new_ids, ready[0][1].n_rows)]
             else:
-                all_logits = self.model.forward_batch(sequences, [prep.new_ids for _, prep in ready])
+                all_logits = self.model.forward_batch(
+                    sequences, [prep.new_ids for _, prep in ready], [prep.n_rows for _, prep in ready]
+                )
         except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
             log.exception("verification forward of %d rounds failed", len(ready))
             for k, _ in ready:

@@ -81,6 +81,31 @@ def test_forward_batch_equals_per_sequence_forward(tiny_target):  # noqa: ANN001
         seq.release()
 
 
+def test_forward_keeps_only_the_rows_asked_for(tiny_target):  # noqa: ANN001
+    """`keep` returns the last rows of the full result (0 for a prefill), single and batched."""
+    rng = np.random.default_rng(1)
+    n_vocab = tiny_target.n_vocab
+    full = [tiny_target.new_sequence() for _ in range(3)]
+    kept = [tiny_target.new_sequence() for _ in range(3)]
+    for f, k, n in zip(full, kept, (5, 2, 11)):
+        ids = rng.integers(0, n_vocab, n).tolist()
+        want = f.forward(ids)
+        assert k.forward(ids, keep=0).shape == (0, n_vocab) and k.n_cached == n
+        f.rollback(n - 2)
+        k.rollback(n - 2)
+        np.testing.assert_allclose(k.forward(ids[-2:], keep=1), f.forward(ids[-2:])[-1:], atol=1e-5)
+    new = [rng.integers(0, n_vocab, n).tolist() for n in (3, 6, 1)]
+    got = tiny_target.forward_batch(kept, new, [2, 0, 1])
+    want = [f.forward(ids) for f, ids in zip(full, new)]
+    assert [g.shape[0] for g in got] == [2, 0, 1]
+    for g, w, n in zip(got, want, (2, 0, 1)):
+        np.testing.assert_allclose(g, w[w.shape[0] - n :], atol=1e-4)
+    with pytest.raises(ValueError):
+        kept[0].forward([1, 2], keep=3)
+    for seq in full + kept:
+        seq.release()
+
+
 def test_base_forward_batch_default_loops(tiny_target):  # noqa: ANN001
     """The default (used by backends without batching, e.g. ONNX) is a loop of forwards."""
     a, b = tiny_target.new_sequence(), tiny_target.new_sequence()
