@@ -166,9 +166,9 @@ def _transform(
         out.fill(0.0)
         out[token] = 1.0
         return np.array([token]), np.ones(1, np.float32)
-    np.multiply(logits, np.float32(1.0 / params.temperature), out=out, casting="unsafe")
+    scale(logits, params, out)
     if params.top_k and params.top_k < out.size:
-        ids, values = _top_k_probabilities(out, params.top_k, params.top_p)
+        ids, values = top_k_probabilities(out, params.top_k, params.top_p)
         out.fill(0.0)
         out[ids] = values
         return ids, values
@@ -182,13 +182,20 @@ def _transform(
     return None
 
 
-def _top_k_probabilities(scaled: np.ndarray, k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+def scale(logits: np.ndarray, params: SamplingParams, out: np.ndarray | None = None) -> np.ndarray:
+    """The temperature step: float32 logits times float32(1 / T) (not greedy)."""
+    return np.multiply(logits, np.float32(1.0 / params.temperature), out=out, casting="unsafe")
+
+
+def top_k_probabilities(scaled: np.ndarray, k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (ties to the lower id), softmax and top-p of a scaled row, touching the
     vocabulary only to select the k survivors and to count ties at the k-th value.
 
-    Returns the survivors' ids in ascending order and their float32 probabilities (0
-    for a survivor at -inf). numpy's partition puts NaN and +inf among the k largest,
-    so checking the survivors' maximum checks the whole row.
+    Returns the survivors' positions in ascending order and their float32 probabilities
+    (0 for a survivor at -inf). numpy's partition puts NaN and +inf among the k largest,
+    so checking the survivors' maximum checks the whole row. `scaled` may also be a
+    subset of a row, in id order, that provably holds every entry at or above the
+    row's k-th value (the edge's torch path selects such candidates on its device).
     """
     n = scaled.size
     ids = np.argpartition(scaled, n - k)[n - k :]
