@@ -10,11 +10,11 @@ runs) does the softmax and top-p over them:
 
 1. greedy: argmax per row (ties to the first, as numpy) -> host, R ids;
 2. top-k: per row the maxima of blocks of `BLOCK` ids; the k best blocks hold the row's
-   k largest entries, so those k x BLOCK candidates (in id order) and the (k+1)-th block
-   maximum (a bound on everything else) -> host. The host scales the candidates exactly
-   as `protocol.sampling.scale` and accepts them only if the bound scales strictly below
-   the k-th scaled candidate, i.e. nothing outside can survive or tie; otherwise (a tie
-   across blocks at the cut) that row goes whole through `protocol.sampling.probabilities`;
+   k largest entries; among them the 2k largest (in id order) and a bound on everything
+   else -> host. The host scales the candidates exactly as `protocol.sampling.scale` and
+   accepts them only if the bound scales strictly below the k-th scaled candidate, i.e.
+   nothing outside can survive or tie; otherwise (more than k ties at the cut) that row
+   goes whole through `protocol.sampling.probabilities`;
 3. no top-k (plain temperature, top-p alone): the rows are dense by definition and go
    to the host whole (on a CPU edge that is no copy), through `protocol.sampling`.
 
@@ -53,6 +53,10 @@ from protocol.verification import (
 #: Ids per block of the candidate search (vocabularies are padded to multiples of 64 or
 #: 128 in practice; another size falls back to torch.topk over the row).
 BLOCK = 64
+
+#: Candidates handed to the host per row, as a multiple of k: the margin that lets ties
+#: at the k-th value be settled by `top_k_probabilities` without the whole row.
+CANDIDATES = 2
 
 #: A transformed row on the host: dense (V,) float32, its support, or None when its
 #: logits define no distribution (NaN / +inf / no finite entry).
@@ -98,21 +102,31 @@ def _dense(row: np.ndarray, params: SamplingParams) -> Row:
 
 
 def _candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: ids (ascending) and values of entries that include the k largest, and a
-    bound no other entry exceeds. NaN counts as the largest value (torch and numpy agree)."""
+    """Per row: the ids (ascending) and values of its `CANDIDATES` x k largest entries, and
+    a bound that no other entry exceeds. NaN counts as the largest value (in torch's topk
+    as in numpy's partition), so a NaN anywhere is among the candidates.
+
+    The k largest entries lie in the k blocks with the largest maxima (a block outside
+    them has a maximum below k other blocks' maxima, hence below k entries), so only
+    those blocks are searched; the (k+1)-th block maximum bounds everything else.
+    """
     n_rows, n_vocab = x.shape
+    m = min(CANDIDATES * k, n_vocab - 1)
     n_blocks = n_vocab // BLOCK
-    if n_vocab % BLOCK == 0 and k + 1 < n_blocks:
+    if n_vocab % BLOCK == 0 and k + 1 < n_blocks and m < k * BLOCK:
         blocks = x.view(n_rows, n_blocks, BLOCK)
         best, chosen = torch.topk(blocks.amax(dim=2), k + 1, dim=1)
-        chosen = chosen[:, :k].sort(dim=1).values
-        cand = blocks.gather(1, chosen[:, :, None].expand(-1, -1, BLOCK)).reshape(n_rows, -1)
-        ids = (chosen[:, :, None] * BLOCK + torch.arange(BLOCK, device=x.device)).reshape(n_rows, -1)
-        return ids, cand, best[:, k]
-    values, ids = torch.topk(x, min(k + 1, n_vocab), dim=1)
-    bound = values[:, k] if k < n_vocab else torch.full((n_rows,), -torch.inf, device=x.device)
-    ids, order = ids[:, :k].sort(dim=1)
-    return ids, values[:, :k].gather(1, order), bound
+        chosen = chosen[:, :k]
+        pool = blocks.gather(1, chosen[:, :, None].expand(-1, -1, BLOCK)).reshape(n_rows, -1)
+        pool_ids = (chosen[:, :, None] * BLOCK + torch.arange(BLOCK, device=x.device)).reshape(n_rows, -1)
+        values, pos = torch.topk(pool, m + 1, dim=1)
+        ids = pool_ids.gather(1, pos)
+        bound = torch.maximum(best[:, k], values[:, m])
+    else:
+        values, ids = torch.topk(x, m + 1, dim=1)
+        bound = values[:, m]
+    ids, order = ids[:, :m].sort(dim=1)
+    return ids, values[:, :m].gather(1, order), bound
 
 
 def _p(row: np.ndarray | RowSupport, token: int) -> float:
@@ -143,7 +157,11 @@ def verify_rounds(preps: Sequence[PreparedRound], logits: torch.Tensor, counts: 
     with torch.inference_mode():
         for params, members in groups.items():
             index = np.concatenate([np.arange(ends[i] - preps[i].n_rows, ends[i]) for i in members])
-            flat = host_rows(logits.index_select(0, torch.as_tensor(index, device=logits.device)), params)
+            if index.size == logits.shape[0] and np.array_equal(index, np.arange(index.size)):
+                group_logits = logits  # the usual batch: every row, in order, no copy
+            else:
+                group_logits = logits.index_select(0, torch.as_tensor(index, device=logits.device))
+            flat = host_rows(group_logits, params)
             at = 0
             for i in members:
                 rows[i], at = flat[at : at + preps[i].n_rows], at + preps[i].n_rows
