@@ -138,6 +138,22 @@ def _started(model, sid: int, mode: str, sampling: SamplingParams, prompt: list[
     return s
 
 
+def test_non_finite_target_logits_are_refused_clearly(tiny_target):  # noqa: ANN001
+    """NaN in the target's logits: a clear UNSUPPORTED refusal (devices do not retry it),
+    on the numpy path and through the scheduler's torch path; the cache bookkeeping stays true."""
+    for sampling in (GREEDY, SamplingParams(1.0, top_k=5), SamplingParams(0.8)):
+        s = _started(tiny_target, 1, "dssd", sampling, [1, 2, 3])
+        q = None if sampling.greedy else np.full(2, 0.5, np.float32)
+        prep = s.prepare_verify(wire.Draft(3, np.zeros(0, np.int32), np.array([4, 5], np.int32), q, None))
+        logits = s.sequence.forward(prep.new_ids, prep.n_rows)
+        logits[1, 7] = np.nan
+        with pytest.raises(ProtocolError) as err:
+            s.finish_verify(prep, logits)
+        assert err.value.code == ErrorCode.UNSUPPORTED and "non-finite" in str(err.value)
+        assert len(s._cached) == s.sequence.n_cached
+        s.close()
+
+
 def test_scheduler_verdicts_equal_unbatched_verify(tiny_target):  # noqa: ANN001
     """Greedy, sampled (support downlink) and DSD sessions in one batch: same verdicts as alone."""
     rng = np.random.default_rng(1)
