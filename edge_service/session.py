@@ -343,7 +343,9 @@ class EdgeSession:
         sampling = r.sampling
         needs_q = not sampling.greedy
         if r.mode == "dsd":
-            if msg.q_rows is None or msg.q_rows.shape[1] != n_vocab:
+            # greedy DSD reads no Q row (the verdict is the target's argmax path), so a
+            # device may leave the one-hot rows out; rows that do come must fit
+            if (needs_q and msg.q_rows is None) or (msg.q_rows is not None and msg.q_rows.shape[1] != n_vocab):
                 raise ProtocolError(ErrorCode.UNSUPPORTED, f"dsd drafts carry full Q rows of length {n_vocab}")
         elif needs_q and (msg.q_draft is None):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "sampled dssd drafts carry q(x) for each token")

@@ -67,6 +67,7 @@ class RowSupport:
         if not (cum.size and cum[-1] > 0.0):
             raise ValueError("cannot sample from an all-zero distribution")
         pick = np.searchsorted(cum, rng.random((1, k))[0] * cum[-1], side="right")
+        pick = np.minimum(pick, cum.size - 1)  # u * total can round up to total
         return self.ids[pick], self.values[pick]
 
 

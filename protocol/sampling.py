@@ -284,4 +284,6 @@ def _inverse_cdf(cum: np.ndarray, rng: np.random.Generator) -> int:
     total = cum[-1]
     if not total > 0.0:
         raise ValueError("cannot sample from an all-zero distribution")
-    return int(np.searchsorted(cum, rng.random(1)[0] * total, side="right"))
+    pick = int(np.searchsorted(cum, rng.random(1)[0] * total, side="right"))
+    # u * total can round up to total: stay on the last id with mass
+    return min(pick, int(np.searchsorted(cum, total, side="left")))

@@ -154,6 +154,18 @@ def test_non_finite_target_logits_are_refused_clearly(tiny_target):  # noqa: ANN
         s.close()
 
 
+def test_greedy_dsd_needs_no_q_rows(tiny_target):  # noqa: ANN001
+    """Greedy DSD reads no Q row: a draft without the one-hot rows is verified; sampled DSD still needs them."""
+    s = _started(tiny_target, 1, "dsd", GREEDY, [1, 2, 3])
+    reply = s.verify(wire.Draft(3, np.zeros(0, np.int32), np.array([4, 5], np.int32), None, None))
+    assert reply.kind in (VerdictKind.BONUS, VerdictKind.CORRECTION)
+    s.close()
+    s = _started(tiny_target, 1, "dsd", SamplingParams(1.0), [1, 2, 3])
+    with pytest.raises(ProtocolError):
+        s.verify(wire.Draft(3, np.zeros(0, np.int32), np.array([4, 5], np.int32), None, None))
+    s.close()
+
+
 def test_scheduler_verdicts_equal_unbatched_verify(tiny_target):  # noqa: ANN001
     """Greedy, sampled (support downlink) and DSD sessions in one batch: same verdicts as alone."""
     rng = np.random.default_rng(1)
