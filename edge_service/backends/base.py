@@ -44,7 +44,7 @@ class TargetModel(ABC):
         forwards one after another; a backend that can run them as one batched forward
         (the torch backend) overrides it. The sequences must be distinct.
         """
-        keep = _keep_list(keep, len(new_ids))
+        keep = keep_list(keep, len(new_ids))
         if len(sequences) != len(new_ids):
             raise ValueError(f"{len(sequences)} sequences but {len(new_ids)} id lists")
         return [seq.forward(ids, k) for seq, ids, k in zip(sequences, new_ids, keep)]
@@ -87,7 +87,8 @@ def keep_rows(keep: int | None, n_new: int) -> int:
     return keep
 
 
-def _keep_list(keep: Sequence[int | None] | None, n: int) -> list[int | None]:
+def keep_list(keep: Sequence[int | None] | None, n: int) -> list[int | None]:
+    """`keep` of a batched forward as one entry per id list (None: all rows of each)."""
     if keep is None:
         return [None] * n
     if len(keep) != n:

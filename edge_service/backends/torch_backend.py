@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edge_service.backends.base import TargetModel, TargetSequence, _keep_list, keep_rows
+from edge_service.backends.base import TargetModel, TargetSequence, keep_list, keep_rows
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class TorchTargetModel(TargetModel):
         lists = [[int(t) for t in ids] for ids in new_ids]
         if len(seqs) != len(lists):
             raise ValueError(f"{len(seqs)} sequences but {len(lists)} id lists")
-        counts = [keep_rows(k, len(ids)) for k, ids in zip(_keep_list(keep, len(lists)), lists)]
+        counts = [keep_rows(k, len(ids)) for k, ids in zip(keep_list(keep, len(lists)), lists)]
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("forward_batch needs distinct sequences")
         torch = self._torch
