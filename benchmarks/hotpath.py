@@ -6,7 +6,7 @@ Four measurements in one run, one thread, medians of `--repeats` repeats:
   V = 49,152 / 151,936 / 262,144, synthetic logits (normal, sd 3; half the rounds draft
   the argmax so that bonuses happen too), default settings (T 0.7, top-k 40, top-p 0.95).
   Paths: `numpy-before` (main before issue 18: every row through the previous numpy
-  transform, `edge_verify`, the downlink from the dense row; tests/sampling_reference.py),
+  transform, `edge_verify`, the downlink from the dense row; benchmarks/sampling_before.py),
   `numpy` (the same with today's protocol.sampling: the ONNX backend's path) and `torch`
   (edge_service.torch_verify, what the torch backend's scheduler runs), each including
   the downlink encoding of its rejections;
@@ -98,7 +98,7 @@ def _torch_round(logits_t: Any, drafts: np.ndarray, q: np.ndarray) -> None:
 def edge_host_times(repeats: int) -> list[dict[str, Any]]:
     import torch
 
-    from tests import sampling_reference as before
+    from benchmarks import sampling_before as before
 
     rows = []
     for v in VOCABS:
@@ -126,7 +126,7 @@ def edge_host_times(repeats: int) -> list[dict[str, Any]]:
 
 
 def device_transform_times(repeats: int, tokens: int = 20) -> list[dict[str, Any]]:
-    from tests import sampling_reference as before
+    from benchmarks import sampling_before as before
     from protocol.sampling import sample
 
     rows = []

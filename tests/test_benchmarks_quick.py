@@ -174,7 +174,7 @@ def test_hotpath_pieces_run_and_report(tmp_path) -> None:  # noqa: ANN001
     import torch
 
     from benchmarks import hotpath
-    from tests import sampling_reference as before
+    from benchmarks import sampling_before as before
 
     logits, drafts, q = hotpath._rounds(1000, 3, seed=0)
     buf = np.empty((hotpath.GAMMA + 1, 1000), np.float32)

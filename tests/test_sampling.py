@@ -114,7 +114,7 @@ def test_sample_frequencies_and_zero_mass() -> None:
 # -- the fast transform against the previous implementation, on adversarial rows ----------
 
 from protocol.sampling import MIN_TEMPERATURE, NonFiniteLogits, draw, greedy_tokens  # noqa: E402
-from tests import sampling_reference as old  # noqa: E402
+from benchmarks import sampling_before as old  # noqa: E402
 
 
 @pytest.mark.parametrize("v", [1000, 262_144])

@@ -22,7 +22,7 @@ from protocol import verification
 from protocol.sampling import SamplingParams, probabilities, sample_rows
 from protocol.verification import VerdictKind, device_resample_batch
 from protocol.wire import ErrorCode
-from tests import sampling_reference as old
+from benchmarks import sampling_before as old
 from tests import test_verification as harness
 
 torch.set_num_threads(1)

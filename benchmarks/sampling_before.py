@@ -1,8 +1,10 @@
 """The sampling transform as it was before it learnt to touch only the top-k survivors.
 
-Kept verbatim as a second reference for `protocol.sampling` (and the torch
-implementation of it): same support bit for bit and the same probabilities to float
-rounding, on adversarial rows. Full-vocabulary masks, exp and sort: slow, simple.
+Kept verbatim for two uses: the "before" of `python -m benchmarks hotpath`, and a second
+reference for `protocol.sampling` and the edge's torch path in the tests (same support
+bit for bit and the same probabilities to float rounding, on the adversarial rows
+below). Full-vocabulary masks, exp and sort: slow, simple. It lives in benchmarks, not
+tests, because benchmarks may not import tests (tests/test_layers.py).
 """
 from __future__ import annotations
 
