@@ -155,9 +155,8 @@ def device_transform_times(repeats: int, tokens: int = 20) -> list[dict[str, Any
 
 
 def device_only_rates(draft: Path, repeats: int, tokens: int = 96) -> list[dict[str, Any]]:
-    import llama_cpp
-
     from device_runtime.drafter import LlamaDrafter
+    from device_runtime.llama_adapter import LlamaModel
     from device_runtime.session import DeviceClient, GenerationConfig
 
     drafter = LlamaDrafter(draft, n_ctx=1024, n_threads=1)
@@ -171,20 +170,20 @@ def device_only_rates(draft: Path, repeats: int, tokens: int = 96) -> list[dict[
         result = asyncio.run(client.generate(prompt, config))
         return len(result.ids) / (time.perf_counter() - t0)
 
+    model = LlamaModel.open(draft, n_ctx=1024, n_threads=1)  # the same GGUF and settings, its own context
+
     def bare() -> float:
-        llm = drafter.llm
         t0 = time.perf_counter()
-        llm.n_tokens = 0
-        llm.eval(prompt)
+        keep = min(model.llm.n_tokens, len(prompt) - 1)  # the prompt's cache reused, as the drafter does
+        model.truncate(keep)
+        model.llm.eval(prompt[keep:])
         n = 0
         while n < tokens:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(drafter.n_vocab,))
-            tok = int(np.argmax(logits))
+            tok = int(np.argmax(model.last_logits()))
             n += 1
             if tok in eos:
                 break
-            llm.eval([tok])
-        drafter._tokens = []  # noqa: SLF001 - the cache no longer holds what the drafter thinks
+            model.llm.eval([tok])
         return n / (time.perf_counter() - t0)
 
     ours(), bare()
@@ -193,6 +192,7 @@ def device_only_rates(draft: Path, repeats: int, tokens: int = 96) -> list[dict[
         samples["device-only"].append(ours())
         samples["bare-eval-loop"].append(bare())
     drafter.close()
+    model.close()
     rows = [{"section": "device_only", "vocab": drafter.n_vocab, "batch": 1, "path": k,
              "value": statistics.median(v), "unit": "tokens/s"} for k, v in samples.items()]
     print(f"device-only {rows[0]['value']:.1f} tok/s, bare loop {rows[1]['value']:.1f} tok/s", file=sys.stderr)
