@@ -5,6 +5,8 @@ paper    the paper's grid (gamma x RTT x bandwidth, T 1, top-k 10) as a Table-2-
 report   recompute summaries and plots from an earlier (or interrupted) run's directory
 adaptive --gamma auto and pipelining against every fixed gamma, per draft and link
 replay   the gamma controller replayed offline on real acceptance traces (seconds)
+hotpath  host work around the models: edge verification per batched round (torch vs numpy),
+         device transform per token, device-only vs a bare eval loop, prefill peak RSS
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -156,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-gamma", type=int, default=DEFAULT_MAX_GAMMA, help="auto's range 0..this")
     r.add_argument("--no-progress", action="store_true")
 
+    h = sub.add_parser("hotpath", help="host work around the models, before and after issue 18 (~3 min)",
+                       description="Edge host time per batched round (torch vs numpy), device transform "
+                                   "per token, device-only vs a bare llama-cpp-python loop, prefill peak RSS; "
+                                   "CSV + PNG to --out (benchmarks/hotpath.py).")
+    from benchmarks.hotpath import add_arguments as hotpath_arguments
+
+    hotpath_arguments(h)
+
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
     _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
@@ -265,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import replay
 
         return replay.main(args)
+    if args.command == "hotpath":
+        from benchmarks import hotpath
+
+        return hotpath.main(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from dssd_common.prefix import common_prefix_len
-from protocol.sampling import SamplingParams, probabilities, sample
+from protocol.sampling import SamplingParams, draw
 
 if TYPE_CHECKING:
     from device_runtime.llama_adapter import LlamaModel
@@ -152,10 +152,11 @@ class LlamaDrafter:
         for i in range(start, gamma):
             if i > start and keep_going is not None and not keep_going(ids[:i]):
                 break
-            row = probabilities(logits, params, out=q_rows[i])
-            tok = int(np.argmax(logits)) if params.greedy else sample(row, rng)
+            # Q_i is kept whole (the residual resample reads it); the draw itself runs over
+            # the top-k survivors only. Greedy still writes its one-hot row: DSD uploads it.
+            tok = draw(logits, params, rng, q_rows[i])
             ids[i] = tok
-            q_draft[i] = row[tok]
+            q_draft[i] = q_rows[i, tok]
             n = i + 1
             if i + 1 < gamma:
                 self._eval([tok])

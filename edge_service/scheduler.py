@@ -55,6 +55,9 @@ class BatchConfig:
     enabled: bool = True
     window_ms: float = 3.0  # how long a queued round waits for company once the worker is free
     max_batch: int = 16  # rounds per forward; the batch is flushed as soon as it is full
+    #: verify on the logits' device (edge_service.torch_verify) when the backend is torch;
+    #: False: logits to the host, numpy (the reference path, and the ONNX backend's)
+    torch_verify: bool = True
 
     def __post_init__(self) -> None:
         if self.window_ms < 0:
@@ -107,6 +110,9 @@ class VerifyScheduler:
         self._free_since = 0.0  # when the previous batch finished
         self.batches = 0  # forwards run (for tests and logs)
         self.rounds = 0
+        from edge_service.backends.torch_backend import TorchTargetModel
+
+        self._torch_verify = config.torch_verify and isinstance(model, TorchTargetModel)
 
     async def submit(self, session: EdgeSession, msg: wire.Draft) -> wire.VerdictMsg:
         """Verify one round; returns its Verdict or raises its `ProtocolError`."""
@@ -202,27 +208,67 @@ class VerifyScheduler:
         if not ready:
             return results
         sequences = [batch[k].session.sequence for k, _ in ready]
+        if self._torch_verify:
+            return self._execute_torch(batch, ready, sequences, results)
         t0 = time.perf_counter()
         try:
             if len(ready) == 1:
                 seq = sequences[0]
                 assert seq is not None
-                all_logits = [seq.forward(ready[0][1].new_ids)]
+                all_logits = [seq.forward(ready[0][1].new_ids, ready[0][1].n_rows)]
             else:
-                all_logits = self.model.forward_batch(sequences, [prep.new_ids for _, prep in ready])
+                all_logits = self.model.forward_batch(
+                    sequences, [prep.new_ids for _, prep in ready], [prep.n_rows for _, prep in ready]
+                )
         except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
             log.exception("verification forward of %d rounds failed", len(ready))
             for k, _ in ready:
                 results[k] = exc
             return results
-        if self._metrics is not None:
-            self._metrics.forward_seconds.observe(time.perf_counter() - t0)
-            self._metrics.batch_size.observe(len(ready))
-        self.batches += 1
-        self.rounds += len(ready)
+        self._record(len(ready), t0)
         for (k, prep), logits in zip(ready, all_logits):
             try:
                 results[k] = batch[k].session.finish_verify(prep, logits)
+            except Exception as exc:  # noqa: BLE001
+                results[k] = exc
+        return results
+
+    def _record(self, n_rounds: int, t0: float) -> None:
+        if self._metrics is not None:
+            self._metrics.forward_seconds.observe(time.perf_counter() - t0)
+            self._metrics.batch_size.observe(n_rounds)
+        self.batches += 1
+        self.rounds += n_rounds
+
+    def _execute_torch(self, batch: list[_Job], ready: list[tuple[int, PreparedRound]], sequences: list,
+                       results: list[Any]) -> list[Any]:
+        """`_execute` with the logits left on the model's device and verified there."""
+        from edge_service import torch_verify
+
+        preps = [prep for _, prep in ready]
+        t0 = time.perf_counter()
+        try:
+            logits, counts = self.model.forward_batch_rows(  # type: ignore[attr-defined]
+                sequences, [p.new_ids for p in preps], [p.n_rows for p in preps])
+        except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
+            log.exception("verification forward of %d rounds failed", len(ready))
+            for k, _ in ready:
+                results[k] = exc
+            return results
+        self._record(len(ready), t0)
+        try:
+            decided = torch_verify.verify_rounds(preps, logits, counts)
+        except Exception as exc:  # noqa: BLE001 - a bug: every round fails, the caches stay true
+            log.exception("verification of %d rounds failed", len(ready))
+            decided = [exc] * len(ready)
+        for (k, prep), decision in zip(ready, decided):
+            session = batch[k].session
+            if isinstance(decision, Exception):
+                session.absorb_failed(prep)
+                results[k] = decision
+                continue
+            try:
+                results[k] = session.apply_verdict(prep, *decision)
             except Exception as exc:  # noqa: BLE001
                 results[k] = exc
         return results

@@ -6,11 +6,12 @@ worker thread; tests can drive it directly.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -21,18 +22,35 @@ from protocol.downlink import (
     DOWNLINKS,
     MAX_CANDIDATES,
     MAX_MORE_PER_ROUND,
+    RowSupport,
+    as_support,
     candidates_message,
     choose_downlink,
     encode_rejection,
 )
 from protocol.modes import EDGE_MODES as MODES  # the modes this edge serves
-from protocol.sampling import EDGE_STREAM, SamplingParams, probabilities, rng_for, sample
+from protocol.sampling import (
+    EDGE_STREAM,
+    NonFiniteLogits,
+    SamplingParams,
+    draw,
+    greedy_token,
+    greedy_tokens,
+    probabilities,
+    rng_for,
+)
 from protocol.stats import RoundStats
-from protocol.verification import VerdictKind, dsd_verify, edge_verify, greedy_verify
+from protocol.verification import Verdict, VerdictKind, dsd_verify, edge_verify, greedy_verify
 from protocol.vocab import vocab_fingerprint
 from protocol.wire import MAX_SEED, ErrorCode
 
 log = logging.getLogger(__name__)
+
+#: Prompt tokens per prefill forward. A prefill keeps no logits; what is left of its
+#: peak memory is the attention and MLP scratch of the tokens in one forward, so long
+#: prompts go in chunks (2,000 tokens on the default pair: peak RSS +120 MB, the KV
+#: cache itself, against +209 MB in one forward and +513 MB with every row's logits).
+PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,28 @@ class ProtocolError(Exception):
         self.code = code
 
 
+@contextlib.contextmanager
+def verification_errors() -> Iterator[None]:
+    """Turn what the verification math refuses into the request's clear error.
+
+    Non-finite target logits are the edge model's fault but not a transient one: a
+    retry would meet them again, so they are refused (UNSUPPORTED) rather than reported
+    as INTERNAL, which devices retry. Any other ValueError is an invalid draft (q
+    values out of range, bad ids).
+    """
+    try:
+        yield
+    except ValueError as exc:
+        raise refusal(exc) from None
+
+
+def refusal(exc: ValueError) -> ProtocolError:
+    """The ProtocolError for what the verification math refused (see `verification_errors`)."""
+    if isinstance(exc, NonFiniteLogits):
+        return ProtocolError(ErrorCode.UNSUPPORTED, f"the target model produced non-finite logits: {exc}")
+    return ProtocolError(ErrorCode.UNSUPPORTED, f"invalid draft: {exc}")
+
+
 @dataclass
 class _Request:
     mode: str
@@ -64,7 +104,7 @@ class _Request:
     stats: RoundStats
     committed: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # committed, not yet in the KV cache
-    rejected: tuple[int, np.ndarray] | None = None  # (j, P_j) while the device may ask for more
+    rejected: tuple[int, RowSupport] | None = None  # (j, P_j) while the device may ask for more
     more_in_round: int = 0  # More requests answered for the current rejection
     done: bool = False
 
@@ -79,6 +119,11 @@ class PreparedRound:
     draft: np.ndarray
     new_ids: list[int]  # pending + prefix + draft: what the target's forward must append
     t0: float
+
+    @property
+    def n_rows(self) -> int:
+        """Logits rows the verification uses: those of the last gamma + 1 new ids."""
+        return self.draft.size + 1
 
 
 class EdgeSession:
@@ -227,9 +272,10 @@ class EdgeSession:
         keep = common_prefix_len(self._cached, ids)
         self._seq.rollback(keep)
         self._cached = self._cached[:keep]
-        if keep < len(ids):
-            self._seq.forward(ids[keep:])
-            self._cached = list(ids)
+        for start in range(keep, len(ids), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK]
+            self._seq.forward(chunk, keep=0)  # a prefill uses no logits
+            self._cached.extend(chunk)
 
     def _require_request(self) -> _Request:
         r = self._request
@@ -237,9 +283,9 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.UNEXPECTED, "no request is running: send Start first")
         return r
 
-    def _forward(self, r: _Request, new_ids: list[int]) -> np.ndarray:
+    def _forward(self, r: _Request, new_ids: list[int], keep: int) -> np.ndarray:
         assert self._seq is not None
-        logits = self._seq.forward(new_ids)
+        logits = self._seq.forward(new_ids, keep)
         self._cached.extend(new_ids)
         return logits
 
@@ -262,7 +308,7 @@ class EdgeSession:
         """
         prep = self.prepare_verify(msg)
         assert self._seq is not None
-        return self.finish_verify(prep, self._seq.forward(prep.new_ids))
+        return self.finish_verify(prep, self._seq.forward(prep.new_ids, prep.n_rows))
 
     def prepare_verify(self, msg: wire.Draft) -> PreparedRound:
         """(a) Validate a Draft and compute the ids the target must see; changes no state."""
@@ -297,7 +343,9 @@ class EdgeSession:
         sampling = r.sampling
         needs_q = not sampling.greedy
         if r.mode == "dsd":
-            if msg.q_rows is None or msg.q_rows.shape[1] != n_vocab:
+            # greedy DSD reads no Q row (the verdict is the target's argmax path), so a
+            # device may leave the one-hot rows out; rows that do come must fit
+            if (needs_q and msg.q_rows is None) or (msg.q_rows is not None and msg.q_rows.shape[1] != n_vocab):
                 raise ProtocolError(ErrorCode.UNSUPPORTED, f"dsd drafts carry full Q rows of length {n_vocab}")
         elif needs_q and (msg.q_draft is None):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "sampled dssd drafts carry q(x) for each token")
@@ -307,36 +355,54 @@ class EdgeSession:
 
     def finish_verify(self, prep: PreparedRound, logits: np.ndarray) -> wire.VerdictMsg:
         """(c) Verify against the target's logits for `prep.new_ids` (already appended to the
-        sequence by `forward`), roll back to the accepted prefix, build the reply."""
+        sequence by `forward`; at least the last gamma + 1 rows), roll back to the accepted
+        prefix, build the reply."""
+        r, draft = prep.request, prep.draft
+        logits = logits[logits.shape[0] - prep.n_rows :]
+        p_rows = None
+        try:
+            with verification_errors():
+                if r.sampling.greedy:
+                    verdict = greedy_verify(greedy_tokens(logits), draft)
+                else:
+                    p_rows = probabilities(logits, r.sampling, out=self._rows_buffer(prep.n_rows))
+                    if r.mode == "dsd":
+                        verdict = dsd_verify(p_rows, prep.msg.q_rows.astype(np.float32), draft, r.rng)
+                    else:
+                        verdict = edge_verify(p_rows, draft, prep.msg.q_draft, r.rng)
+        except ProtocolError:
+            self.absorb_failed(prep)
+            raise
+        return self.apply_verdict(prep, verdict, None if p_rows is None else p_rows[verdict.n_accepted])
+
+    def absorb_failed(self, prep: PreparedRound) -> None:
+        """Keep the token bookkeeping true to the KV cache after a refused verification
+        (the forward already appended `prep.new_ids`)."""
+        self._cached.extend(prep.new_ids)
+
+    def apply_verdict(
+        self, prep: PreparedRound, verdict: Verdict, p_j: np.ndarray | RowSupport | None
+    ) -> wire.VerdictMsg:
+        """(d) Commit a round's verdict: roll the cache back to the accepted prefix and build
+        the reply; `p_j` (dense or its support) is the target row at the first rejection,
+        needed only for a RESAMPLE verdict. Both the numpy path (`finish_verify`) and the
+        torch path (`edge_service.torch_verify`) end here."""
         msg, r, prefix, draft, new, t0 = prep.msg, prep.request, prep.prefix, prep.draft, prep.new_ids, prep.t0
         gamma = draft.size
-        sampling = r.sampling
         n_before = len(self._cached)
         self._cached.extend(new)
         r.committed.extend(prefix)
-        logits = logits[-(gamma + 1) :]
-        if sampling.greedy:
-            verdict = greedy_verify(logits.argmax(axis=1), draft)
-            p_rows = None
-        else:
-            p_rows = probabilities(logits, sampling, out=self._rows_buffer(gamma + 1))
-            try:
-                if r.mode == "dsd":
-                    verdict = dsd_verify(p_rows, msg.q_rows.astype(np.float32), draft, r.rng)
-                else:
-                    verdict = edge_verify(p_rows, draft, msg.q_draft, r.rng)
-            except ValueError as exc:
-                raise ProtocolError(ErrorCode.UNSUPPORTED, f"invalid draft: {exc}") from None
         j = verdict.n_accepted
         self._keep(n_before + len(new) - gamma + j)
         r.committed.extend(draft[:j].tolist())
         r.rejected = None
         r.more_in_round = 0
         if verdict.kind is VerdictKind.RESAMPLE:
+            assert p_j is not None
             r.pending = []
-            reply = encode_rejection(verdict, p_rows[j], r.downlink, msg.n_candidates, r.rng)
+            reply = encode_rejection(verdict, p_j, r.downlink, msg.n_candidates, r.rng)
             if reply.candidates:
-                r.rejected = (j, p_rows[j].copy())
+                r.rejected = (j, as_support(p_j))
         else:
             r.committed.append(verdict.token)
             r.pending = [verdict.token]
@@ -358,7 +424,7 @@ class EdgeSession:
         r.stats.more_requests += 1
         if msg.n_candidates == 0:
             r.rejected = None
-            return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row)
+            return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row.dense())
         return candidates_message(j, p_row, msg.n_candidates, r.rng)
 
     def _rows_buffer(self, n: int) -> np.ndarray:
@@ -370,11 +436,12 @@ class EdgeSession:
         """Edge-only decoding: one target token per call (the server streams them)."""
         r = self._require_request()
         t0 = time.perf_counter()
-        logits = self._forward(r, r.pending)[-1]
-        if r.sampling.greedy:
-            token = int(np.argmax(logits))
-        else:
-            token = sample(probabilities(logits, r.sampling, out=self._rows_buffer(1)[0]), r.rng)
+        logits = self._forward(r, r.pending, keep=1)[0]
+        with verification_errors():
+            if r.sampling.greedy:  # no one-hot row: nothing reads it
+                token = greedy_token(logits)
+            else:
+                token = draw(logits, r.sampling, r.rng, self._rows_buffer(1)[0])
         r.committed.append(token)
         r.pending = [token]
         r.stats.record_round(0, 0, time.perf_counter() - t0)

@@ -24,7 +24,6 @@ from protocol.verification import (
     candidate_resample,
     device_resample,
     device_resample_sparse,
-    draw_candidates,
 )
 
 #: Downlink encodings a request may ask for (module docstring); the one list of them.
@@ -39,6 +38,39 @@ MAX_CANDIDATES = 4096
 MAX_MORE_PER_ROUND = 8
 
 
+@dataclass(frozen=True)
+class RowSupport:
+    """A probability row as its non-zero entries (ids ascending, float32 values).
+
+    What a truncated P_j really is: the edge's torch path hands rejections over in this
+    form (k entries instead of |V|), and the candidates are drawn over it.
+    """
+
+    ids: np.ndarray  # (n,) int64, ascending
+    values: np.ndarray  # (n,) float32, > 0
+    n_vocab: int
+
+    @classmethod
+    def of(cls, row: np.ndarray) -> "RowSupport":
+        ids = np.flatnonzero(row)
+        return cls(ids, row[ids].astype(np.float32, copy=False), row.size)
+
+    def dense(self) -> np.ndarray:
+        row = np.zeros(self.n_vocab, np.float32)
+        row[self.ids] = self.values
+        return row
+
+    def draw(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """k i.i.d. draws with their probabilities: the ids and the use of `rng` of
+        `draw_candidates(self.dense(), k, rng)` (same float64 partial sums in id order)."""
+        cum = np.cumsum(self.values, dtype=np.float64)
+        if not (cum.size and cum[-1] > 0.0):
+            raise ValueError("cannot sample from an all-zero distribution")
+        pick = np.searchsorted(cum, rng.random((1, k))[0] * cum[-1], side="right")
+        pick = np.minimum(pick, cum.size - 1)  # u * total can round up to total
+        return self.ids[pick], self.values[pick]
+
+
 def choose_downlink(mode: str, requested: str, sampling: SamplingParams) -> str:
     """The encoding policy a request uses; the paper's mode always sends the full row."""
     if mode == "dssd-paper":
@@ -49,17 +81,25 @@ def choose_downlink(mode: str, requested: str, sampling: SamplingParams) -> str:
 
 
 def encode_rejection(
-    verdict: Verdict, p_row: np.ndarray, policy: str, k: int, rng: np.random.Generator
+    verdict: Verdict, p_row: np.ndarray | RowSupport, policy: str, k: int, rng: np.random.Generator
 ) -> wire.VerdictMsg:
-    """Edge side: the RESAMPLE verdict carrying P_j (or candidates from it) per the policy."""
+    """Edge side: the RESAMPLE verdict carrying P_j (or candidates from it) per the policy.
+
+    `p_row` is the dense row or its `RowSupport`; the message is the same either way.
+    """
     j = verdict.n_accepted
     k = min(max(k or DEFAULT_CANDIDATES, 1), MAX_CANDIDATES)
     if policy == "full":
-        return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row.astype(np.float32, copy=True))
-    support = np.flatnonzero(p_row) if policy in ("support", "auto") else None
-    if support is not None and (policy == "support" or support.size <= k):
-        return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_ids=support.astype(np.int32), p_values=p_row[support])
-    return candidates_message(j, p_row, k, rng)
+        dense = p_row.dense() if isinstance(p_row, RowSupport) else p_row.astype(np.float32, copy=True)
+        return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=dense)
+    support = as_support(p_row)
+    if policy == "support" or (policy == "auto" and support.ids.size <= k):
+        return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_ids=support.ids.astype(np.int32), p_values=support.values)
+    return candidates_message(j, support, k, rng)
+
+
+def as_support(p_row: np.ndarray | RowSupport) -> RowSupport:
+    return p_row if isinstance(p_row, RowSupport) else RowSupport.of(p_row)
 
 
 def next_request_size(previous: int, n_vocab: int) -> int:
@@ -69,8 +109,10 @@ def next_request_size(previous: int, n_vocab: int) -> int:
     return 0 if want > MAX_CANDIDATES or 8 * want >= 4 * n_vocab else want
 
 
-def candidates_message(j: int, p_row: np.ndarray, k: int, rng: np.random.Generator) -> wire.VerdictMsg:
-    ids, probs = draw_candidates(p_row, k, rng)
+def candidates_message(
+    j: int, p_row: np.ndarray | RowSupport, k: int, rng: np.random.Generator
+) -> wire.VerdictMsg:
+    ids, probs = as_support(p_row).draw(k, rng)
     return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_ids=ids.astype(np.int32), p_values=probs, candidates=True)
 
 

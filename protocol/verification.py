@@ -8,7 +8,8 @@ from P_{gamma+1}. The committed tokens are then distributed exactly as sampling 
 In DSSD the edge runs the accept/reject part (`edge_verify`) knowing only q_i(x_i), and
 the device, which kept the full Q_j, runs the residual draw (`device_resample`), or, when
 the edge sends only K candidates drawn from P_j instead of the whole row, candidate
-residual sampling (`draw_candidates` on the edge, `candidate_resample` on the device). In DSD
+residual sampling (`draw_candidates_batch` on the edge, one row at a time as
+`protocol.downlink.RowSupport.draw`, `candidate_resample` on the device). In DSD
 the edge receives full Q rows and does both (`dsd_verify`). Greedy decoding needs no
 distributions at all (`greedy_verify`).
 
@@ -73,21 +74,32 @@ def _check(p_rows: np.ndarray, draft_ids: np.ndarray) -> np.ndarray:
     return draft_ids
 
 
+def accept_lengths(p_draft: np.ndarray, q_draft: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The acceptance test of B rounds: (B,) accepted-prefix lengths from (B, gamma)
+    p_i(x_i) and q_i(x_i), drawing (B, gamma) uniforms from `rng`.
+
+    The rule itself, apart from where the rows live: the numpy path below and the edge's
+    torch path (edge_service.torch_verify) both call it with the p values they gathered.
+    """
+    q_draft = np.asarray(q_draft, dtype=np.float32)
+    if q_draft.shape != p_draft.shape:
+        raise ValueError(f"need q of shape {p_draft.shape}, got {q_draft.shape}")
+    if not np.all((q_draft > 0.0) & (q_draft <= 1.0 + 1e-6)):
+        raise ValueError("draft probabilities q(x) must lie in (0, 1]")
+    batch, gamma = p_draft.shape
+    accepted = accept_mask(p_draft, q_draft, rng.random((batch, gamma)))
+    return np.where(accepted.all(axis=1), gamma, np.argmin(accepted, axis=1) if gamma else 0)
+
+
 def _accept_prefix(
     p_rows: np.ndarray, draft_ids: np.ndarray, q_draft: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Accepted-prefix lengths, and tokens with the bonus drawn where all were accepted."""
-    q_draft = np.asarray(q_draft, dtype=np.float32)
-    if q_draft.shape != draft_ids.shape:
-        raise ValueError(f"need q of shape {draft_ids.shape}, got {q_draft.shape}")
-    if not np.all((q_draft > 0.0) & (q_draft <= 1.0 + 1e-6)):
-        raise ValueError("draft probabilities q(x) must lie in (0, 1]")
-    batch, gamma = draft_ids.shape
+    gamma = draft_ids.shape[1]
     p_draft = np.take_along_axis(p_rows[:, :gamma], draft_ids[:, :, np.newaxis], axis=2)[:, :, 0]
-    accepted = accept_mask(p_draft, q_draft, rng.random((batch, gamma)))
-    all_ok = accepted.all(axis=1)
-    n_accepted = np.where(all_ok, gamma, np.argmin(accepted, axis=1) if gamma else 0)
-    tokens = np.full(batch, -1, dtype=np.int64)
+    n_accepted = accept_lengths(p_draft, q_draft, rng)
+    all_ok = n_accepted == gamma
+    tokens = np.full(draft_ids.shape[0], -1, dtype=np.int64)
     if all_ok.any():
         tokens[all_ok] = sample_rows(p_rows[all_ok, gamma], rng)
     return n_accepted, tokens
@@ -151,11 +163,6 @@ def draw_candidates_batch(
     """Edge half of candidate residual sampling: k i.i.d. draws from each P_j, with P_j there."""
     ids = sample_rows(p_rows, rng, k)
     return ids, np.take_along_axis(p_rows, ids, axis=1).astype(np.float32)
-
-
-def draw_candidates(p_row: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    ids, probs = draw_candidates_batch(p_row[np.newaxis], k, rng)
-    return ids[0], probs[0]
 
 
 def candidate_resample_batch(

@@ -211,7 +211,7 @@ def _measure_prompt(
     overlap = 0.0
     positions = 0
     try:
-        p_logits = seq.forward(ids)[-1]
+        p_logits = seq.forward(ids, keep=1)[0]
         committed = list(ids)
         for _ in range(n_tokens):
             target_tok = int(np.argmax(p_logits))
@@ -223,7 +223,7 @@ def _measure_prompt(
             if target_tok in edge.eos_token_ids:
                 break
             committed.append(target_tok)
-            p_logits = seq.forward([target_tok])[-1]
+            p_logits = seq.forward([target_tok], keep=1)[0]
     finally:
         seq.release()
     return PromptResult(prompt, positions, hits / positions, overlap / positions)

@@ -81,6 +81,31 @@ def test_forward_batch_equals_per_sequence_forward(tiny_target):  # noqa: ANN001
         seq.release()
 
 
+def test_forward_keeps_only_the_rows_asked_for(tiny_target):  # noqa: ANN001
+    """`keep` returns the last rows of the full result (0 for a prefill), single and batched."""
+    rng = np.random.default_rng(1)
+    n_vocab = tiny_target.n_vocab
+    full = [tiny_target.new_sequence() for _ in range(3)]
+    kept = [tiny_target.new_sequence() for _ in range(3)]
+    for f, k, n in zip(full, kept, (5, 2, 11)):
+        ids = rng.integers(0, n_vocab, n).tolist()
+        want = f.forward(ids)
+        assert k.forward(ids, keep=0).shape == (0, n_vocab) and k.n_cached == n
+        f.rollback(n - 2)
+        k.rollback(n - 2)
+        np.testing.assert_allclose(k.forward(ids[-2:], keep=1), f.forward(ids[-2:])[-1:], atol=1e-5)
+    new = [rng.integers(0, n_vocab, n).tolist() for n in (3, 6, 1)]
+    got = tiny_target.forward_batch(kept, new, [2, 0, 1])
+    want = [f.forward(ids) for f, ids in zip(full, new)]
+    assert [g.shape[0] for g in got] == [2, 0, 1]
+    for g, w, n in zip(got, want, (2, 0, 1)):
+        np.testing.assert_allclose(g, w[w.shape[0] - n :], atol=1e-4)
+    with pytest.raises(ValueError):
+        kept[0].forward([1, 2], keep=3)
+    for seq in full + kept:
+        seq.release()
+
+
 def test_base_forward_batch_default_loops(tiny_target):  # noqa: ANN001
     """The default (used by backends without batching, e.g. ONNX) is a loop of forwards."""
     a, b = tiny_target.new_sequence(), tiny_target.new_sequence()
@@ -111,6 +136,34 @@ def _started(model, sid: int, mode: str, sampling: SamplingParams, prompt: list[
     s.start(wire.Start(mode=mode, sampling=sampling, seed=sid, max_new_tokens=200,
                        prompt_ids=np.asarray(prompt, np.int32), downlink="auto"))
     return s
+
+
+def test_non_finite_target_logits_are_refused_clearly(tiny_target):  # noqa: ANN001
+    """NaN in the target's logits: a clear UNSUPPORTED refusal (devices do not retry it),
+    on the numpy path and through the scheduler's torch path; the cache bookkeeping stays true."""
+    for sampling in (GREEDY, SamplingParams(1.0, top_k=5), SamplingParams(0.8)):
+        s = _started(tiny_target, 1, "dssd", sampling, [1, 2, 3])
+        q = None if sampling.greedy else np.full(2, 0.5, np.float32)
+        prep = s.prepare_verify(wire.Draft(3, np.zeros(0, np.int32), np.array([4, 5], np.int32), q, None))
+        logits = s.sequence.forward(prep.new_ids, prep.n_rows)
+        logits[1, 7] = np.nan
+        with pytest.raises(ProtocolError) as err:
+            s.finish_verify(prep, logits)
+        assert err.value.code == ErrorCode.UNSUPPORTED and "non-finite" in str(err.value)
+        assert len(s._cached) == s.sequence.n_cached
+        s.close()
+
+
+def test_greedy_dsd_needs_no_q_rows(tiny_target):  # noqa: ANN001
+    """Greedy DSD reads no Q row: a draft without the one-hot rows is verified; sampled DSD still needs them."""
+    s = _started(tiny_target, 1, "dsd", GREEDY, [1, 2, 3])
+    reply = s.verify(wire.Draft(3, np.zeros(0, np.int32), np.array([4, 5], np.int32), None, None))
+    assert reply.kind in (VerdictKind.BONUS, VerdictKind.CORRECTION)
+    s.close()
+    s = _started(tiny_target, 1, "dsd", SamplingParams(1.0), [1, 2, 3])
+    with pytest.raises(ProtocolError):
+        s.verify(wire.Draft(3, np.zeros(0, np.int32), np.array([4, 5], np.int32), None, None))
+    s.close()
 
 
 def test_scheduler_verdicts_equal_unbatched_verify(tiny_target):  # noqa: ANN001

@@ -165,3 +165,25 @@ def test_adaptive_analysis_pairs_trials_and_picks_the_best_fixed_gamma() -> None
     (best_ceiling,) = [c for name, c in checks.items() if name.startswith("pipelining ceiling: best fixed")]
     assert best_ceiling["median"] == pytest.approx((10 / 9) / 1.0) and best_ceiling["min"] == best_ceiling["max"]
     assert result["greedy_outputs_identical"] is True
+
+
+def test_hotpath_pieces_run_and_report(tmp_path) -> None:  # noqa: ANN001
+    """The hot-path benchmark's paths run on a small vocabulary and its report renders
+    (its figures come from a real run: docs/hotpath.md)."""
+    import numpy as np
+    import torch
+
+    from benchmarks import hotpath
+    from benchmarks import sampling_before as before
+
+    logits, drafts, q = hotpath._rounds(1000, 3, seed=0)
+    buf = np.empty((hotpath.GAMMA + 1, 1000), np.float32)
+    hotpath._numpy_round(before.probabilities, logits, drafts, q, buf)
+    hotpath._torch_round(torch.from_numpy(logits.reshape(-1, 1000)), drafts, q)
+    rows = [{"section": "edge_round", "vocab": v, "batch": b, "path": p, "value": 1.0 + i, "unit": "ms"}
+            for v in hotpath.VOCABS for b in hotpath.BATCHES for i, p in enumerate(("numpy-before", "numpy", "torch"))]
+    rows += [{"section": "device_token", "vocab": v, "batch": 1, "path": p, "value": 1.0, "unit": "ms"}
+             for v in hotpath.VOCABS for p in ("before", "after")]
+    text = hotpath.markdown(rows)
+    assert "| 151,936 | 16 | 1.00 | 2.00 | 3.00 | 0.3x |" in text
+    assert hotpath.plot(rows, tmp_path / "hotpath.png").exists()

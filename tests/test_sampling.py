@@ -109,3 +109,68 @@ def test_sample_frequencies_and_zero_mass() -> None:
     assert stats.chisquare(counts[[1, 3, 4]], 40_000 * probs[[1, 3, 4]]).pvalue > 1e-3
     with pytest.raises(ValueError):
         sample(np.zeros(3, np.float32), rng)
+
+
+# -- the fast transform against the previous implementation, on adversarial rows ----------
+
+from protocol.sampling import MIN_TEMPERATURE, NonFiniteLogits, draw, greedy_tokens  # noqa: E402
+from benchmarks import sampling_before as old  # noqa: E402
+
+
+@pytest.mark.parametrize("v", [1000, 262_144])
+@pytest.mark.parametrize("params", old.ADVERSARIAL_SETTINGS, ids=str)
+def test_adversarial_rows_match_previous_implementation(v: int, params: SamplingParams) -> None:
+    """Same support bit for bit, same probabilities to float rounding, same draws."""
+    for name, logits in old.adversarial_rows(v).items():
+        got = probabilities(logits, params)
+        want = old.probabilities(logits, params)
+        assert np.array_equal(got > 0, want > 0), f"{name}: support differs"
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=name)
+        out = np.empty(v, np.float32)
+        r_new, r_old = np.random.default_rng(3), np.random.default_rng(3)
+        drawn = [draw(logits, params, r_new, out) for _ in range(5)]
+        ref = [old.greedy_token(logits) if params.greedy else sample(want, r_old) for _ in range(5)]
+        assert drawn == ref, name
+        np.testing.assert_array_equal(out, got)
+
+
+def test_top_k_tie_break_keeps_lowest_ids() -> None:
+    logits = old.adversarial_rows(1000)["ties_at_top_k"]
+    p = probabilities(logits, SamplingParams(1.0, top_k=20))
+    tied = np.flatnonzero(logits == 5.0)
+    assert np.count_nonzero(p) == 20
+    assert np.array_equal(np.flatnonzero(p[tied]), np.arange(10))  # the 10 lowest tied ids
+
+
+def test_top_p_cut_on_a_tie_keeps_the_lower_id() -> None:
+    logits = old.adversarial_rows(1000)["top_p_cut_on_tie"]
+    for k in (0, 40):
+        p = probabilities(logits, SamplingParams(1.0, top_k=k, top_p=0.5))
+        assert np.flatnonzero(p).tolist() == [3, 7]  # 0.4 + the tied 0.2 with the lower id (3, not 11)
+
+
+def test_temperature_floor() -> None:
+    with pytest.raises(ValueError, match="greedy"):
+        SamplingParams(MIN_TEMPERATURE / 2)
+    SamplingParams(MIN_TEMPERATURE)
+    SamplingParams(0.0)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.7, 40, 0.95),
+                                    SamplingParams(1.0, top_p=0.9)], ids=str)
+def test_non_finite_logits_are_refused(params: SamplingParams) -> None:
+    rng = np.random.default_rng(0)
+    for bad in (np.nan, np.inf):
+        logits = rng.normal(size=500).astype(np.float32)
+        logits[123] = bad
+        with pytest.raises(NonFiniteLogits):
+            probabilities(logits, params)
+        with pytest.raises(NonFiniteLogits):
+            probabilities(np.stack([logits, logits]), params)
+    with pytest.raises(NonFiniteLogits):
+        probabilities(np.full(500, -np.inf, np.float32), params)
+    with pytest.raises(NonFiniteLogits):
+        greedy_tokens(np.array([[0.0, 1.0], [np.nan, 0.0]], np.float32))
+    masked = np.full(500, -np.inf, np.float32)
+    masked[[4, 9]] = [0.0, 1.0]
+    assert np.flatnonzero(probabilities(masked, params)).tolist() == ([9] if params.greedy else [4, 9])

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_service.backends.base import TargetModel, TargetSequence
+from edge_service.backends.base import TargetModel, TargetSequence, keep_rows
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,10 @@ class OnnxSequence(TargetSequence):
     def n_cached(self) -> int:
         return self._n
 
-    def forward(self, new_ids: Sequence[int]) -> np.ndarray:
+    def forward(self, new_ids: Sequence[int], keep: int | None = None) -> np.ndarray:
+        """See `TargetSequence.forward`. The exported graph computes every position's
+        logits; the unused rows are dropped here instead of being handed on."""
+        n_keep = keep_rows(keep, len(new_ids))
         if self._cache is None:
             raise ValueError("this sequence was released")
         if not len(new_ids):
@@ -167,7 +170,7 @@ class OnnxSequence(TargetSequence):
             raise ValueError(f"sequence would exceed the model context of {self._model.max_context}")
         logits, self._cache = self._model.run(self._cache, new_ids)
         self._n += len(new_ids)
-        return logits
+        return logits[logits.shape[0] - n_keep :]
 
     def rollback(self, n_keep: int) -> None:
         if not 0 <= n_keep <= self._n:

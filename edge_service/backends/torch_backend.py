@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edge_service.backends.base import TargetModel, TargetSequence
+from edge_service.backends.base import TargetModel, TargetSequence, keep_list, keep_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,41 @@ class TorchTargetModel(TargetModel):
     def new_sequence(self) -> "TorchSequence":
         return TorchSequence(self)
 
-    def forward(self, cache: object, new_ids: Sequence[int]) -> np.ndarray:
+    def forward_rows(self, cache: object, new_ids: Sequence[int], keep: int) -> "torch.Tensor":  # noqa: F821
+        """Run `new_ids` through the model on `cache`; the logits of the last `keep`
+        positions as a tensor in the model's dtype, on the model's device."""
         torch = self._torch
         ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self._device)
         with torch.inference_mode():
-            out = self._model(input_ids=ids, cache=cache, use_cache=True)
-        return out.logits[0].float().cpu().numpy()
+            # transformers reads logits_to_keep = 0 as "all": a prefill (keep 0) projects
+            # the last position only, and drops it
+            out = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=max(keep, 1))
+        return out.logits[0, out.logits.shape[1] - keep :]
 
     def forward_batch(
-        self, sequences: Sequence[TargetSequence], new_ids: Sequence[Sequence[int]]
+        self,
+        sequences: Sequence[TargetSequence],
+        new_ids: Sequence[Sequence[int]],
+        keep: Sequence[int | None] | None = None,
     ) -> list[np.ndarray]:
-        """One batched forward for several sessions' sequences (see `TargetModel.forward_batch`).
+        """One batched forward for several sessions' sequences (see `TargetModel.forward_batch`)."""
+        rows, counts = self.forward_batch_rows(sequences, new_ids, keep)
+        logits = rows.float().cpu().numpy()
+        bounds = np.cumsum([0, *counts])
+        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def forward_batch_rows(
+        self,
+        sequences: Sequence[TargetSequence],
+        new_ids: Sequence[Sequence[int]],
+        keep: Sequence[int | None] | None = None,
+    ) -> tuple["torch.Tensor", list[int]]:  # noqa: F821 - torch is imported lazily
+        """`forward_batch`, with the kept logits rows of all sequences left where the model
+        computed them: one (sum of kept rows, V) tensor in the model's dtype and device,
+        sequence after sequence, and the row count of each.
+
+        This is what verification on the logits' device consumes; only the model's
+        hidden states of the kept positions go through the lm_head.
 
         Each session's KV cache is copied, left-padded to the longest, into one batch
         cache; the new ids are right-padded to the longest. A 2-D attention mask hides the
@@ -110,13 +134,18 @@ class TorchTargetModel(TargetModel):
         lists = [[int(t) for t in ids] for ids in new_ids]
         if len(seqs) != len(lists):
             raise ValueError(f"{len(seqs)} sequences but {len(lists)} id lists")
+        counts = [keep_rows(k, len(ids)) for k, ids in zip(keep_list(keep, len(lists)), lists)]
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("forward_batch needs distinct sequences")
+        torch = self._torch
         if len(seqs) <= 1 or not all(isinstance(s, TorchSequence) and s._batchable(self) for s in seqs):
-            return super().forward_batch(seqs, lists)
+            for seq in seqs:
+                if not isinstance(seq, TorchSequence):
+                    raise ValueError("forward_batch_rows needs sequences of this torch model")
+            parts = [seq._forward_rows(ids, k) for seq, ids, k in zip(seqs, lists, counts)]
+            return torch.cat(parts) if parts else torch.empty((0, self.n_vocab)), counts
         for seq, ids in zip(seqs, lists):
             seq._check_forward(ids)
-        torch = self._torch
         from transformers import DynamicCache
 
         n_batch = len(seqs)
@@ -127,9 +156,11 @@ class TorchTargetModel(TargetModel):
         input_ids = torch.zeros((n_batch, n_max), dtype=torch.long)
         mask = torch.zeros((n_batch, p_max + n_max), dtype=torch.long)
         positions = torch.zeros((n_batch, n_max), dtype=torch.long)
-        for i, (ids, p, n) in enumerate(zip(lists, past, n_new)):
+        kept = torch.zeros((n_batch, n_max), dtype=torch.bool)  # positions whose logits are returned
+        for i, (ids, p, n, k) in enumerate(zip(lists, past, n_new, counts)):
             input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
             mask[i, p_max - p : p_max + n] = 1
+            kept[i, n - k : n] = True
             # padding queries continue the positions: harmless, their rows are discarded
             positions[i] = torch.arange(p, p + n_max)
         batch = DynamicCache(config=self._model.config)
@@ -152,15 +183,15 @@ class TorchTargetModel(TargetModel):
                 position_ids=positions.to(dev),
                 cache=batch,
                 use_cache=True,
+                logits_to_keep=kept.to(dev),  # a boolean mask: the kept rows, flattened in order
             )
-            logits = out.logits.float().cpu().numpy()
             for i, (seq, n) in enumerate(zip(seqs, n_new)):
                 for layer_idx, layer in enumerate(batch.layers):
                     seq._cache.layers[layer_idx].update(
                         layer.keys[i : i + 1, :, p_max : p_max + n], layer.values[i : i + 1, :, p_max : p_max + n]
                     )
                 seq._n += n
-        return [logits[i, :n] for i, n in enumerate(n_new)]
+        return out.logits.reshape(-1, out.logits.shape[-1]), counts
 
 
 class TorchSequence(TargetSequence):
@@ -194,11 +225,15 @@ class TorchSequence(TargetSequence):
             and all(type(layer) is DynamicLayer for layer in self._cache.layers)
         )
 
-    def forward(self, new_ids: Sequence[int]) -> np.ndarray:
+    def forward(self, new_ids: Sequence[int], keep: int | None = None) -> np.ndarray:
+        return self._forward_rows(new_ids, keep_rows(keep, len(new_ids))).float().cpu().numpy()
+
+    def _forward_rows(self, new_ids: Sequence[int], keep: int) -> "torch.Tensor":  # noqa: F821
+        """`forward` leaving the kept logits rows as a tensor where the model computed them."""
         self._check_forward(new_ids)
-        logits = self._model.forward(self._cache, new_ids)
+        rows = self._model.forward_rows(self._cache, new_ids, keep)
         self._n += len(new_ids)
-        return logits
+        return rows
 
     def rollback(self, n_keep: int) -> None:
         if not 0 <= n_keep <= self._n:
