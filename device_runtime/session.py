@@ -19,7 +19,8 @@ import numpy as np
 from websockets.exceptions import WebSocketException
 
 from device_runtime.drafter import Draft, LlamaDrafter
-from device_runtime.gamma import DEFAULT_MAX_GAMMA, GammaController
+from device_runtime import defaults
+from device_runtime.gamma import GammaController
 from device_runtime.rounds import AwaitAhead, DraftJob, RoundMachine, SendDraft, SendMore
 from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
 from protocol import wire
@@ -47,17 +48,20 @@ class EdgeLost(ConnectionError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    mode: str = "dssd"
-    max_new_tokens: int = 128
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(0.7, 40, 0.95))
-    gamma: int | None = None
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    downlink: str = "auto"
+    """One request's settings; the defaults (device_runtime.defaults) are the CLI's, the
+    library's and `serve`'s."""
+
+    mode: str = defaults.MODE
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    sampling: SamplingParams = defaults.SAMPLING
     #: None: adaptive gamma (GammaController) up to max_gamma; an int: fixed gamma.
-    max_gamma: int = DEFAULT_MAX_GAMMA
+    gamma: int | None = defaults.GAMMA
+    seed: int = defaults.SEED
+    stop: tuple[str, ...] = ()
+    downlink: str = defaults.DOWNLINK
+    max_gamma: int = defaults.MAX_GAMMA
     #: Keep drafting while a verdict is in flight (work kept when all drafts pass).
-    pipeline: bool = True
+    pipeline: bool = defaults.PIPELINE
     #: Opt-in continuity: when an edge that accepted this request's Hello is lost and one
     #: immediate reconnection fails, keep generating with the draft alone (tokens flagged
     #: as not verified) and resume exact decoding on reconnection. False (the default)
