@@ -475,3 +475,17 @@ def test_mutation_is_caught(mutation: str, monkeypatch: pytest.MonkeyPatch) -> N
     print(f"{mutation} ({case}, {n} generations): p first {p_first:.3g} transitions {p_trans:.3g}, "
           f"{time.perf_counter() - t0:.1f} s")
     assert min(p_first, p_trans) < P_MIN
+
+
+def test_the_round_machine_does_no_io() -> None:
+    """rounds.py imports no asyncio, websockets or llama_cpp, nor the session or drafter."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(rounds))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in names if m.split(".")[0] in ("asyncio", "websockets", "llama_cpp")}
+    # the session (asyncio, websockets, the drafter) only for type annotations
+    runtime_imports = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in runtime_imports if m and m.startswith("device_runtime")}
