@@ -20,7 +20,7 @@ import signal
 import sys
 
 from device_runtime.drafter import LlamaDrafter
-from device_runtime.gamma import DEFAULT_MAX_GAMMA
+from device_runtime import defaults
 from device_runtime.session import DeviceClient, GenerationConfig
 from device_runtime.transport import EdgeError
 from protocol.downlink import DOWNLINKS
@@ -42,6 +42,13 @@ def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=ca_file) if ca_file else None
 
 
+def _gamma_arg(value: str) -> int | None:
+    try:
+        return defaults.parse_gamma(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dssd_common.models import default_models
 
@@ -57,19 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="The three primary colors are", help="plain text prompt")
     g.add_argument("--chat", help="a user message, formatted with the GGUF's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--mode", choices=MODES, default="dssd")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    p.add_argument("--gamma", default="auto",
+    p.add_argument("--mode", choices=MODES, default=defaults.MODE)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=defaults.MAX_NEW_TOKENS)
+    p.add_argument("--gamma", default="auto", type=_gamma_arg,
                    help="draft tokens per round: 'auto' (adaptive, up to --max-gamma) or a number")
-    p.add_argument("--max-gamma", type=int, default=DEFAULT_MAX_GAMMA, help="upper bound for --gamma auto")
+    p.add_argument("--max-gamma", type=int, default=defaults.MAX_GAMMA, help="upper bound for --gamma auto")
     p.add_argument("--no-pipeline", action="store_true",
                    help="do not draft ahead while a verdict is in flight")
-    p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 disables")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 disables")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", "-t", type=float, default=defaults.TEMPERATURE, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="0 disables")
+    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="1 disables")
+    p.add_argument("--seed", type=int, default=defaults.SEED)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--downlink", choices=DOWNLINKS, default="auto",
+    p.add_argument("--downlink", choices=DOWNLINKS, default=defaults.DOWNLINK,
                    help="how P_j comes down after a rejection in dssd (all exact)")
     p.add_argument("--fallback", action="store_true",
                    help="when an edge that accepted this request is lost mid-generation, continue with the "
@@ -92,7 +99,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     drafter = LlamaDrafter(args.model or default_models().draft_q4_0_gguf,
                            n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                           max_gamma=max(args.max_gamma, 1 if args.gamma == "auto" else int(args.gamma)))
+                           max_gamma=max(args.max_gamma, args.gamma or 1))
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.chat})
@@ -103,7 +110,7 @@ async def _run(args: argparse.Namespace) -> int:
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
-        gamma=None if args.gamma == "auto" else int(args.gamma),
+        gamma=args.gamma,
         max_gamma=args.max_gamma,
         pipeline=not args.no_pipeline,
         seed=args.seed,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from device_runtime.drafter import LlamaDrafter
+from device_runtime import defaults
 from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
 from dssd_common.loop_thread import LoopThread
 from protocol.downlink import DOWNLINKS
@@ -108,7 +109,7 @@ class Completion:
     prompt_tokens: int
     stats: GenerationStats
     seed: int
-    gamma: int
+    gamma: int | None  # None: adaptive ("auto")
     mode: str
     queue_s: float = 0.0  # time spent waiting for a free slot
     target_model: str = ""  # the edge's model name ("" in device-only mode)
@@ -130,7 +131,7 @@ class Completion:
         d.update(
             mode=self.mode,
             seed=self.seed,
-            gamma=self.gamma,
+            gamma="auto" if self.gamma is None else self.gamma,
             finish_reason=self.finish_reason,
             queue_s=round(self.queue_s, 6),
             target_model=self.target_model,
@@ -156,7 +157,7 @@ class _Spec:
     seed: int
     stop: tuple[str, ...]
     mode: str
-    gamma: int
+    gamma: int | None  # None: adaptive
     downlink: str
     t_submit: float = field(default_factory=time.perf_counter)
 
@@ -232,8 +233,8 @@ def _check_options(
         raise RequestError("at most 16 stop strings", param="stop")
     if not isinstance(mode, str) or mode not in MODES:
         raise RequestError(f"mode must be one of {', '.join(MODES)}", param="mode")
-    if not _is_int(gamma) or not 0 <= gamma <= max_gamma:
-        raise RequestError(f"gamma must be an integer in [0, {max_gamma}]", param="gamma")
+    if gamma is not None and gamma != "auto" and (not _is_int(gamma) or not 0 <= gamma <= max_gamma):
+        raise RequestError(f"gamma must be 'auto' or an integer in [0, {max_gamma}]", param="gamma")
     if not isinstance(downlink, str) or downlink not in DOWNLINKS:
         raise RequestError(f"downlink must be one of {', '.join(DOWNLINKS)}", param="downlink")
     sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
@@ -456,7 +457,8 @@ class DeviceRuntime:
         if mode != "device-only" and not self.edge_url:
             raise RequestError(f"mode {mode!r} needs an edge and this runtime has none; use device-only",
                                param="mode")
-        return _Spec(prompt, msgs, bool(add_bos), max_tokens, sampling, seed_, stop_, mode, gamma, downlink)  # type: ignore[arg-type]
+        return _Spec(prompt, msgs, bool(add_bos), max_tokens, sampling, seed_, stop_, mode,
+                     defaults.parse_gamma(gamma), downlink)  # type: ignore[arg-type]
 
     def _submit(self, spec: _Spec, sink: Sink) -> concurrent.futures.Future:
         with self._lock:
@@ -577,9 +579,10 @@ class DeviceRuntime:
 
     def stream(
         self, prompt: str | Sequence[int] | None = None, *, messages: list[dict] | None = None,
-        max_tokens: int | None = 128, temperature: float = 0.7, top_k: int = 40, top_p: float = 0.95,
-        seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = "dssd",
-        gamma: int = 4, downlink: str = "auto", add_bos: bool = True,
+        max_tokens: int | None = defaults.MAX_NEW_TOKENS, temperature: float = defaults.TEMPERATURE,
+        top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
+        seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = defaults.MODE,
+        gamma: int | str | None = "auto", downlink: str = defaults.DOWNLINK, add_bos: bool = True,
     ) -> "TokenStream":
         """Start a generation; iterate the result for `Piece`s as tokens are committed.
 
@@ -602,9 +605,10 @@ class DeviceRuntime:
 
     def astream(
         self, prompt: str | Sequence[int] | None = None, *, messages: list[dict] | None = None,
-        max_tokens: int | None = 128, temperature: float = 0.7, top_k: int = 40, top_p: float = 0.95,
-        seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = "dssd",
-        gamma: int = 4, downlink: str = "auto", add_bos: bool = True,
+        max_tokens: int | None = defaults.MAX_NEW_TOKENS, temperature: float = defaults.TEMPERATURE,
+        top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
+        seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = defaults.MODE,
+        gamma: int | str | None = "auto", downlink: str = defaults.DOWNLINK, add_bos: bool = True,
     ) -> "AsyncTokenStream":
         """Async `stream`: `async for piece in rt.astream(...)`. Call from a running loop."""
         spec = self._spec(prompt, messages, add_bos=add_bos, max_tokens=max_tokens, temperature=temperature,

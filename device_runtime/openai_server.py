@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from device_runtime import defaults
 from device_runtime.api import (
     AsyncTokenStream,
     Completion,
@@ -273,9 +274,9 @@ class OpenAIServer:
             top_k=body.int("top_k", 0),
             seed=body.int("seed", None),
             stop=stop,
-            mode=body.str("mode", "dssd"),
-            gamma=body.int("gamma", 4),
-            downlink=body.str("downlink", "auto"),
+            mode=body.str("mode", defaults.MODE),
+            gamma=body.get("gamma", (int, str), "an integer or 'auto'", "auto"),
+            downlink=body.str("downlink", defaults.DOWNLINK),
         )
 
     @staticmethod

@@ -19,15 +19,15 @@ import numpy as np
 from websockets.exceptions import WebSocketException
 
 from device_runtime.drafter import Draft, LlamaDrafter
-from device_runtime.gamma import DEFAULT_MAX_GAMMA, GammaController
+from device_runtime import defaults
+from device_runtime.gamma import GammaController
+from device_runtime.rounds import AwaitAhead, DraftJob, RoundMachine, SendDraft, SendMore
 from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
 from protocol import wire
-from protocol.checks import check_tokens, check_verdict
-from protocol.downlink import CandidateBudget, next_request_size, resample_from_verdict
+from protocol.checks import check_tokens
 from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
-from protocol.verification import VerdictKind
 from protocol.vocab import vocab_fingerprint
 from protocol.wire import MAX_SEED
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 #: on_tokens(ids, text, verified): committed ids, the text now safe to show, and whether
 #: the target verified them (False for fallback tokens from the draft alone).
 TokenCallback = Callable[[list[int], str, bool], None]
-_STOP = object()  # tells a pipelined draft to stop
 #: Edge errors that mean "the edge is gone for now", not "this request is wrong": worth a
 #: reconnection once the request has run on the edge. AUTH, VOCAB_MISMATCH, VERSION,
 #: LIMIT, ... never heal by retrying; an INTERNAL is retried once, a second one is final.
@@ -49,17 +48,20 @@ class EdgeLost(ConnectionError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    mode: str = "dssd"
-    max_new_tokens: int = 128
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(0.7, 40, 0.95))
-    gamma: int | None = None
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    downlink: str = "auto"
+    """One request's settings; the defaults (device_runtime.defaults) are the CLI's, the
+    library's and `serve`'s."""
+
+    mode: str = defaults.MODE
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    sampling: SamplingParams = defaults.SAMPLING
     #: None: adaptive gamma (GammaController) up to max_gamma; an int: fixed gamma.
-    max_gamma: int = DEFAULT_MAX_GAMMA
+    gamma: int | None = defaults.GAMMA
+    seed: int = defaults.SEED
+    stop: tuple[str, ...] = ()
+    downlink: str = defaults.DOWNLINK
+    max_gamma: int = defaults.MAX_GAMMA
     #: Keep drafting while a verdict is in flight (work kept when all drafts pass).
-    pipeline: bool = True
+    pipeline: bool = defaults.PIPELINE
     #: Opt-in continuity: when an edge that accepted this request's Hello is lost and one
     #: immediate reconnection fails, keep generating with the draft alone (tokens flagged
     #: as not verified) and resume exact decoding on reconnection. False (the default)
@@ -485,181 +487,47 @@ class DeviceClient:
         stats: GenerationStats,
         rng: np.random.Generator,
     ) -> None:
-        """dssd / dssd-paper / dsd rounds until EOS, length or a stop string.
-
-        With pipelining, while a round's verdict is in flight the drafter keeps going on a
-        worker thread: a guess for the bonus token, then the next round's drafts. They are
-        kept only if the edge accepts everything and its bonus equals the guess: they are
-        then ordinary draws from Q after the committed prefix, so exactness is unchanged.
-        """
-        greedy = config.sampling.greedy
+        """dssd / dssd-paper / dsd rounds until EOS, length or a stop string: the I/O and
+        the drafter around a `RoundMachine`, which decides everything else. Drafting (in
+        line and pipelined) runs on a worker thread, never on the event loop."""
         max_gamma = min(config.gamma if config.gamma is not None else config.max_gamma,
                         link.welcome.max_gamma, self.drafter.max_gamma)
-        control = self.gamma_controller(config, max_gamma)
+        m = RoundMachine(config, stats, committed, len(out.ids), rng, max_gamma=max_gamma,
+                         n_vocab=self.drafter.n_vocab, control=self.gamma_controller(config, max_gamma))
         loop = asyncio.get_running_loop()
-        committed = list(committed)
-        prefix: list[int] = []
-        round_no = 0
-        slot = 0
-        ahead: Draft | None = None  # the next round's draft, from pipelining
-        all_passed = False  # the last round's drafts were all accepted
-        budget = CandidateBudget()
-        if config.n_candidates is not None:
-            budget = CandidateBudget(k=config.n_candidates, k_min=config.n_candidates, k_max=config.n_candidates)
-        resample_allowed = not greedy and config.mode != "dsd"
-        while True:
-            t_round = time.perf_counter()
-            remaining = config.max_new_tokens - len(out.ids) - 1
-            gamma = min(control.choose() if control else max_gamma, remaining)
-            inline: int | None  # tokens drafted in line this round; None: all made ahead
-            source = "inline"
-            if ahead is not None and gamma > 0:
-                n_ahead = len(ahead.ids)
-                stats.pipelined_kept += min(gamma, n_ahead)
-                stats.pipelined_discarded += max(n_ahead - gamma, 0)
-                if gamma <= n_ahead:
-                    d = Draft(ahead.ids[:gamma], ahead.q_draft[:gamma], ahead.q_rows[:gamma])
-                    inline = None
-                    source = "ahead"
+        background: asyncio.Future | None = None
+        act = m.start()
+        try:
+            while True:
+                if isinstance(act, DraftJob):
+                    act = m.draft_ready(await loop.run_in_executor(None, self._draft, act, config, None))
+                elif isinstance(act, SendDraft):
+                    await link.send(act.frame, round=act.round)
+                    job = m.sent()
+                    if job is not None:
+                        background = loop.run_in_executor(None, self._draft, job, config, m.keep_going)
+                    act = m.verdict_arrived(await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s))
+                elif isinstance(act, AwaitAhead):
+                    assert background is not None
+                    guess, background = await background, None
+                    act = m.ahead_ready(*guess)
+                elif isinstance(act, SendMore):
+                    await link.send(act.frame)
+                    act = m.more_answer(await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s))
+                elif out.commit(act.ids):
+                    return
                 else:
-                    # the controller wants more than was drafted ahead (it explores, or grows
-                    # during a run of full acceptances): draft only the rest; cutting the
-                    # round to the ahead length would keep auto from ever going longer. The
-                    # ahead draft sits at 1.. in `slot`, after the bonus guess committed[-1]
-                    d = self.drafter.draft(committed[:-1], gamma + 1, config.sampling, rng, slot=slot,
-                                           start=n_ahead + 1)
-                    d = Draft(d.ids[1:], d.q_draft[1:], d.q_rows[1:])
-                    inline = gamma - n_ahead
-                    source = "extended"
-            else:
-                if ahead is not None:
-                    stats.pipelined_discarded += len(ahead.ids)
-                d = self.drafter.draft(committed, gamma, config.sampling, rng, slot=slot)
-                inline = gamma
-            if inline is not None and round_no > 0:  # round 1 includes the prompt's prefill
-                draft_s = time.perf_counter() - t_round
-                stats.draft_s += draft_s
-                if all_passed:
-                    stats.hideable_draft_s += draft_s
-                if control is not None:
-                    control.observe_draft(draft_s, inline)
-            ahead = None
-            msg = wire.Draft(
-                n_committed=len(committed),
-                prefix_ids=np.asarray(prefix, np.int32),
-                draft_ids=d.ids,
-                q_draft=None if (greedy or config.mode == "dsd") else d.q_draft,
-                q_rows=d.q_rows if config.mode == "dsd" else None,
-                n_candidates=budget.k,
-            )
-            round_no += 1
-            t_sent = time.perf_counter()
-            await link.send(msg, round=round_no)
-            verdict_box: list[wire.VerdictMsg] = []
-            background = None
-            if config.pipeline and gamma >= 1 and remaining > gamma + 1:
-                # the bonus guess + the next round's drafts: when the guess is right the main
-                # loop waits for them, so prepare what the next round will use (adaptive:
-                # the controller's plan, which may grow gamma during a run of full acceptances)
-                n_next = control.planned_next() if control else gamma
-                n_ahead = min(n_next, remaining - gamma - 1) + 1
+                    act = m.next_round()
+        finally:
+            if background is not None:  # never leave the drafter busy on another thread
+                m.edge_lost()
+                await asyncio.wait([background])
 
-                def keep_going(ids: np.ndarray, box: list = verdict_box) -> bool:
-                    if not box:
-                        return True  # verdict not here yet: keep drafting
-                    v = box[0]
-                    return v is not _STOP and v.kind is VerdictKind.BONUS and int(ids[0]) == v.token
-
-                # its own generator, seeded from the main stream: how far the pipeline gets
-                # depends on timing, and must not shift the main stream (same seed, same output)
-                pipe_rng = np.random.default_rng(int(rng.integers(2**63)))
-                def timed_draft(base: list[int] = committed + d.ids.tolist(), n: int = n_ahead,
-                                s: int = 1 - slot) -> tuple[Draft, float]:
-                    t0 = time.perf_counter()
-                    out = self.drafter.draft(base, n, config.sampling, pipe_rng, slot=s, keep_going=keep_going)
-                    return out, time.perf_counter() - t0
-
-                background = loop.run_in_executor(None, timed_draft)
-            try:
-                verdict = await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s)
-            except BaseException:
-                if background is not None:  # never leave the drafter busy on another thread
-                    verdict_box.append(_STOP)
-                    await asyncio.wait([background])
-                raise
-            wait_s = time.perf_counter() - t_sent
-            try:
-                check_verdict(verdict, gamma=gamma, n_vocab=self.drafter.n_vocab,
-                              resample_allowed=resample_allowed, max_candidates=max(msg.n_candidates, 1))
-            except wire.WireError:
-                if background is not None:
-                    verdict_box.append(_STOP)
-                    await asyncio.wait([background])
-                raise
-            j = verdict.n_accepted
-            if background is not None:
-                verdict_box.append(verdict)
-                guess, guess_s = await background  # the drafter and rng are free again after this
-                if control is not None:
-                    control.observe_draft(guess_s, len(guess.ids))
-                if (verdict.kind is VerdictKind.BONUS and len(guess.ids) > 1
-                        and int(guess.ids[0]) == verdict.token):
-                    ahead = Draft(guess.ids[1:], guess.q_draft[1:], guess.q_rows[1:])
-                    slot = 1 - slot
-                else:
-                    stats.pipelined_discarded += len(guess.ids)
-            if verdict.kind is VerdictKind.RESAMPLE:
-                token = await self._resample(
-                    link, verdict, d.q_rows[j], rng, budget, stats, config.round_timeout_s
-                )
-                prefix = [token]
-            else:
-                token = verdict.token
-                prefix = []
-            all_passed = j == gamma > 0
-            new = d.ids[:j].tolist() + [token]
-            committed.extend(new)
-            round_s = time.perf_counter() - t_round
-            stats.rounds.record_round(gamma, j, round_s)
-            stats.gammas.append(gamma)
-            stats.round_tokens.append(len(new))
-            stats.round_sources.append(source)
-            if control is not None:  # round 1's wait includes the prompt's prefill on the edge
-                control.observe(gamma, j, wait_s, round_s, timed=round_no > 1)
-            if out.commit(new):
-                return
-
-    async def _resample(
-        self,
-        link: EdgeLink,
-        verdict: wire.VerdictMsg,
-        q_row: np.ndarray,
-        rng: np.random.Generator,
-        budget: CandidateBudget,
-        stats: GenerationStats,
-        timeout: float,
-    ) -> int:
-        """The residual draw; with candidates, ask for 4x more until the full row is cheaper."""
-        trials = 0
-        while True:
-            token = resample_from_verdict(verdict, q_row, rng)
-            if not verdict.candidates:  # full row or support: always yields a token
-                break
-            if token is not None:  # trials to the first success (first occurrence of a repeat)
-                trials += 1 + int(np.flatnonzero(verdict.p_ids == token)[0])
-                break
-            trials += verdict.p_ids.size
-            want = next_request_size(verdict.p_ids.size, q_row.size)
-            stats.rounds.more_requests += 1
-            await link.send(wire.More(want))
-            reply = await link.recv(wire.VerdictMsg, timeout=timeout)
-            check_verdict(reply, gamma=verdict.n_accepted + 1, n_vocab=q_row.size, resample_allowed=True,
-                          max_candidates=want, n_accepted=verdict.n_accepted)
-            if want == 0 and reply.p_full is None:
-                raise wire.Malformed("the edge sent an invalid answer to More(0): no full P_j row")
-            verdict = reply
-        if trials:
-            budget.observe(trials)
-        assert token is not None
-        return token
+    def _draft(self, job: DraftJob, config: GenerationConfig,
+               keep_going: Callable[[np.ndarray], bool] | None) -> Draft | tuple[Draft, float]:
+        """Run a `DraftJob` (on a worker thread); a pipelined one also returns its duration."""
+        t0 = time.perf_counter()
+        d = self.drafter.draft(job.base, job.n, config.sampling, job.rng, slot=job.slot,
+                               keep_going=keep_going, start=job.start)
+        return (d, time.perf_counter() - t0) if job.ahead else d
 

@@ -195,12 +195,19 @@ def test_streaming_chat_and_completion(client, runtime, tiny_target):  # noqa: A
 
 
 def test_sampling_fields_and_stop(client):  # noqa: ANN001
+    # a fixed gamma: the default, auto, follows measured timings, so the same seed gives
+    # the same law but not the same sample (docs/adaptive.md)
     kw = dict(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.9, seed=123,
-              extra_body={"top_k": 20})
+              extra_body={"top_k": 20, "gamma": 4})
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text  # same seed, same sample
-    assert a.model_extra["dssd"]["seed"] == 123
+    assert a.model_extra["dssd"]["seed"] == 123 and a.model_extra["dssd"]["gamma"] == 4
+    auto = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.9,
+                                     extra_body={"gamma": "auto"})
+    assert auto.model_extra["dssd"]["gamma"] == "auto"
+    default = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    assert default.model_extra["dssd"]["gamma"] == "auto"  # the library's and the CLI's default
     text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0).choices[0].text
     cut = text.strip().split(" ")[1] if len(text.strip().split(" ")) > 1 else None
     if cut:
