@@ -21,6 +21,7 @@ from device_runtime.api import RequestError, _check_options
 from protocol.downlink import DOWNLINKS
 from protocol.modes import EDGE_MODES, MODES, SPECULATIVE_MODES
 from protocol.wire import MAX_SEED
+from tests.astutil import parse_python
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = {"protocol": 0, "dssd_common": 0, "device_runtime": 1, "edge_service": 1, "quantize": 2,
@@ -30,7 +31,7 @@ RANK = {"protocol": 0, "dssd_common": 0, "device_runtime": 1, "edge_service": 1,
 def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, top-level package) of every absolute import in a file."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parse_python(path)):
         if isinstance(node, ast.Import):
             out.extend((node.lineno, a.name.split(".")[0]) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

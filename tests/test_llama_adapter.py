@@ -8,6 +8,7 @@ import pytest
 
 from device_runtime import llama_adapter
 from device_runtime.llama_adapter import UnsupportedLlamaCpp, check_version, parse_version
+from tests.astutil import parse_python
 
 REPO = Path(__file__).resolve().parents[1]
 #: What only the adapter may touch: llama-cpp-python's private fields and raw C bindings.
@@ -37,7 +38,7 @@ def test_parse_version() -> None:
 
 def _internal_uses(path: Path) -> list[str]:
     """`x._ctx`, `x._model`, `x.n_tokens = ...` and `llama_cpp.llama_*` in one file."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = parse_python(path)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
