@@ -42,9 +42,13 @@ def test_auto_gamma_and_pipelining_keep_greedy_exact(mode, pipeline, tiny_target
     results = _run_all(client, [(ids, cfg) for ids in prompts])
     for ids, res in zip(prompts, results):
         assert res.ids == reference_greedy(tiny_target, ids, 80)
+    # what auto chooses follows measured timings (on a loaded machine it may stay at gamma 0,
+    # and then nothing is drafted ahead), so only what holds at any speed is asserted here;
+    # drafts kept from pipelining are asserted with scripted or fixed gammas below and in
+    # tests/test_law_real_stack.py, the controller's choices on simulated timings below
     kept = sum(r.stats.pipelined_kept for r in results)
-    assert (kept > 0) == pipeline
-    assert len({g for r in results for g in r.stats.gammas}) > 1, "the controller never changed gamma"
+    if not pipeline:
+        assert kept == 0
     # one controller learned across the three requests
     (control,) = client._controllers.values()
     assert control._rounds == sum(len(r.stats.gammas) for r in results)
