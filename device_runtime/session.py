@@ -400,11 +400,11 @@ class DeviceClient:
                     internal_errors += exc.code == wire.ErrorCode.INTERNAL
                     if exc.code not in TRANSIENT_EDGE_ERRORS or internal_errors > 1:
                         raise
-                if not reached:
-                    if isinstance(exc, EdgeError):
+                if not reached:  # a configuration error, never a reason to fall back
+                    if isinstance(exc, (EdgeError, EdgeUnreachable)):
                         raise
-                    raise EdgeUnreachable(self.edge_url or "", f"{type(exc).__name__}: {exc}", permanent=False) \
-                        if not isinstance(exc, EdgeUnreachable) else exc
+                    raise EdgeUnreachable(self.edge_url or "", f"{type(exc).__name__}: {exc}",
+                                          permanent=False) from exc
                 if isinstance(exc, EdgeUnreachable) and exc.permanent:
                     raise
                 attempt += 1

@@ -221,10 +221,7 @@ class VerifyScheduler:
                     sequences, [prep.new_ids for _, prep in ready], [prep.n_rows for _, prep in ready]
                 )
         except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
-            log.exception("verification forward of %d rounds failed", len(ready))
-            for k, _ in ready:
-                results[k] = exc
-            return results
+            return _fail_forward(ready, results, exc)
         self._record(len(ready), t0)
         for (k, prep), logits in zip(ready, all_logits):
             try:
@@ -251,10 +248,7 @@ class VerifyScheduler:
             logits, counts = self.model.forward_batch_rows(  # type: ignore[attr-defined]
                 sequences, [p.new_ids for p in preps], [p.n_rows for p in preps])
         except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
-            log.exception("verification forward of %d rounds failed", len(ready))
-            for k, _ in ready:
-                results[k] = exc
-            return results
+            return _fail_forward(ready, results, exc)
         self._record(len(ready), t0)
         try:
             decided = torch_verify.verify_rounds(preps, logits, counts)
@@ -272,3 +266,11 @@ class VerifyScheduler:
             except Exception as exc:  # noqa: BLE001
                 results[k] = exc
         return results
+
+
+def _fail_forward(ready: list[tuple[int, PreparedRound]], results: list[Any], exc: Exception) -> list[Any]:
+    """A batched forward failed: every round it carried gets the failure (INTERNAL)."""
+    log.exception("verification forward of %d rounds failed", len(ready), exc_info=exc)
+    for k, _ in ready:
+        results[k] = exc
+    return results

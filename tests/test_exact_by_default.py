@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
+from device_runtime.__main__ import EXIT_ERROR, EXIT_UNVERIFIED, UNVERIFIED_CLOSE, UNVERIFIED_OPEN
 from device_runtime.api import DeviceRuntime
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.session import DeviceClient, EdgeLost, GenerationConfig
@@ -40,6 +38,8 @@ from protocol.verification import VerdictKind
 from protocol.vocab import vocab_fingerprint
 from protocol.wire import ErrorCode
 from tests.test_end_to_end import reference_greedy
+from tests.test_law_real_stack import FrameDropProxy
+from tests.test_reliability import _free_port, _generate, _self_signed
 
 GREEDY = SamplingParams(0.0)
 PROMPT = "The cat sat on the"
@@ -50,32 +50,6 @@ def drafter(tiny_pair) -> LlamaDrafter:  # noqa: ANN001
     d = LlamaDrafter(tiny_pair.draft_gguf, n_ctx=512, n_threads=1, f32_kv_cache=True)
     yield d
     d.close()
-
-
-def _generate(client: DeviceClient, ids: list[int], config: GenerationConfig, on_tokens=None):  # noqa: ANN001, ANN202
-    async def go():  # noqa: ANN202
-        try:
-            return await client.generate(ids, config, on_tokens)
-        finally:
-            await client.close()
-
-    return asyncio.run(go())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _self_signed(tmp: Path) -> tuple[str, str]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
-    return str(cert), str(key)
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -492,9 +466,6 @@ def test_fallback_is_opt_in_marked_per_token_and_reported_in_the_exit_status(tin
     """The edge accepts the request, then its connection drops after the second Draft and it
     never comes back. Without --fallback: exit 1. With it: draft text between the markers,
     per-token flags in --json, exit status 3."""
-    from device_runtime.__main__ import EXIT_ERROR, EXIT_UNVERIFIED, UNVERIFIED_CLOSE, UNVERIFIED_OPEN
-    from tests.test_law_real_stack import FrameDropProxy
-
     port = int(tiny_edge.url.rsplit(":", 1)[1])
     args = ["--model", str(tiny_pair.draft_gguf), "--threads", "1", "-n", "24", "-t", "0", "--gamma", "2",
             "--prompt", PROMPT]
@@ -515,8 +486,6 @@ def test_fallback_is_opt_in_marked_per_token_and_reported_in_the_exit_status(tin
 
 
 def test_served_fallback_chunks_say_they_are_unverified(tiny_pair, tiny_edge):  # noqa: ANN001
-    from tests.test_law_real_stack import FrameDropProxy
-
     port = int(tiny_edge.url.rsplit(":", 1)[1])
     with FrameDropProxy(port, drop_after=4, stay_down=True) as proxy:
         http_port = _free_port()
