@@ -7,6 +7,7 @@ adaptive --gamma auto and pipelining against every fixed gamma, per draft and li
 replay   the gamma controller replayed offline on real acceptance traces (seconds)
 hotpath  host work around the models: edge verification per batched round (torch vs numpy),
          device transform per token, device-only vs a bare eval loop, prefill peak RSS
+kv       batched verify of 16 sessions x 1,000 tokens: KV slots vs the old cache re-pack
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -166,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     hotpath_arguments(h)
 
+    k = sub.add_parser("kv", help="batched verify, KV slots vs the old re-pack (issue 19)",
+                       description="16 sessions x 1,000 tokens of context: seconds per batched verify round "
+                                   "with KV slots and with the old DynamicCache re-pack, same model, one run "
+                                   "(benchmarks/kv.py).")
+    from benchmarks.kv import add_arguments as kv_arguments
+
+    kv_arguments(k)
+
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
     _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
@@ -279,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import hotpath
 
         return hotpath.main(args)
+    if args.command == "kv":
+        from benchmarks import kv
+
+        return kv.main(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:

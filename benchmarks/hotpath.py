@@ -215,22 +215,23 @@ def prefill_rss(target: Path, variant: str, n_tokens: int = PROMPT_TOKENS) -> di
     import torch
 
     from edge_service.backends.torch_backend import TorchTargetModel
-    from edge_service.session import EdgeLimits, EdgeSession
+    from edge_service.session import PREFILL_CHUNK
 
     torch.set_num_threads(1)
     model = TorchTargetModel(target, threads=1)
     ids = np.random.default_rng(0).integers(100, min(model.n_vocab, 40_000), n_tokens).tolist()
-    session = EdgeSession(model, EdgeLimits(), 1)
-    session._prefill(ids[:16])  # noqa: SLF001 - warm the kernels and the allocator
-    session.close()
-    session = EdgeSession(model, EdgeLimits(), 1)
+    warm = model.new_sequence()
+    warm.forward(ids[:16], keep=0)  # warm the kernels and the allocator
+    warm.release()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     rss0 = _status_mb("VmRSS")
+    seq = model.new_sequence()
     if variant == "before":
-        seq = model.new_sequence()
         seq.forward(ids)
-    else:
-        session._prefill(ids)  # noqa: SLF001 - exactly what Start runs
+    else:  # what a Start runs: the request's KV reserved, the prompt in chunks, no logits
+        seq.reserve(n_tokens)
+        for start in range(0, n_tokens, PREFILL_CHUNK):
+            seq.forward(ids[start : start + PREFILL_CHUNK], keep=0)
     return {"peak_growth_mb": _status_mb("VmHWM") - rss0, "retained_mb": _status_mb("VmRSS") - rss0}
 
 

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest a draft waits for other sessions' drafts to verify them in one batch")
     p.add_argument("--max-batch", type=int, default=16, help="most rounds verified in one batched forward")
     p.add_argument("--no-batching", action="store_true", help="verify every round on its own")
+    p.add_argument("--kv-budget-mb", type=float, default=None,
+                   help="KV cache memory all sessions may reserve together (torch backend); a Start that "
+                        "does not fit after evicting idle sessions' caches is refused with LIMIT "
+                        "(default: no budget)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per prefill job; other sessions' batches run between chunks "
+                        "(0: a whole prompt in one job)")
+    p.add_argument("--no-batch-edge-only", action="store_true",
+                   help="run edge-only decode steps one forward each instead of in the batches")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -61,13 +70,16 @@ async def _serve(args: argparse.Namespace) -> None:
     from dssd_common.models import default_models
 
     model_path = args.model or default_models().target_gguf
+    if args.backend == "onnx" and args.kv_budget_mb is not None:
+        raise ValueError("--kv-budget-mb needs the torch backend (ONNX Runtime manages its own cache)")
     if args.backend == "onnx":  # an edge-export directory; CUDA when --device is cuda
         from edge_service.backends.onnx_backend import OnnxTargetModel
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device.startswith("cuda") else None
         model = OnnxTargetModel(model_path, providers=providers, threads=args.threads)
     else:
-        model = TorchTargetModel(model_path, dtype=args.dtype, device=args.device, threads=args.threads)
+        model = TorchTargetModel(model_path, dtype=args.dtype, device=args.device, threads=args.threads,
+                                 kv_budget_mb=args.kv_budget_mb)
     limits = EdgeLimits(max_gamma=args.max_gamma, max_new_tokens=args.max_new_tokens,
                         max_context=args.max_context)
     tokens = set(args.token) | {t for t in os.environ.get("DSSD_EDGE_TOKENS", "").split(",") if t}
@@ -79,7 +91,8 @@ async def _serve(args: argparse.Namespace) -> None:
         handshake_timeout_s=args.handshake_timeout, idle_timeout_s=args.idle_timeout,
         max_unauthenticated=args.max_unauthenticated, work_tokens_per_s=args.work_rate,
         batching=BatchConfig(enabled=not args.no_batching, window_ms=args.batch_window_ms,
-                             max_batch=args.max_batch),
+                             max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                             batch_edge_only=not args.no_batch_edge_only),
         metrics_port=args.metrics_port,
     )
     server = EdgeServer(model, config)

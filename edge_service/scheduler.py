@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable
 
 from edge_service.backends.base import TargetModel
 from edge_service.metrics import EdgeMetrics
-from edge_service.session import EdgeSession, PreparedRound, ProtocolError
+from edge_service.session import EdgeSession, PreparedRound, PreparedStep, ProtocolError
 from protocol import wire
 from protocol.wire import ErrorCode
 
@@ -58,12 +58,21 @@ class BatchConfig:
     #: verify on the logits' device (edge_service.torch_verify) when the backend is torch;
     #: False: logits to the host, numpy (the reference path, and the ONNX backend's)
     torch_verify: bool = True
+    #: prompt tokens per prefill job on the worker; other sessions' batches run between
+    #: jobs, so a long prompt delays them by at most one chunk. 0: a Start's whole
+    #: prefill is one job (the unchunked baseline)
+    prefill_chunk: int = 256
+    #: edge-only decode steps join the verification batches (continuous batching);
+    #: False: each step is its own forward on the worker
+    batch_edge_only: bool = True
 
     def __post_init__(self) -> None:
         if self.window_ms < 0:
             raise ValueError("window_ms must be >= 0")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if self.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0")
 
     @property
     def effective_max_batch(self) -> int:
@@ -73,7 +82,7 @@ class BatchConfig:
 @dataclass
 class _Job:
     session: EdgeSession
-    msg: wire.Draft
+    msg: wire.Draft | None  # None: an edge-only decode step
     future: asyncio.Future
     t_arrival: float
 
@@ -108,6 +117,7 @@ class VerifyScheduler:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._free_since = 0.0  # when the previous batch finished
+        self._prefilling = 0  # sessions inside a chunked Start (they cannot join a batch)
         self.batches = 0  # forwards run (for tests and logs)
         self.rounds = 0
         from edge_service.backends.torch_backend import TorchTargetModel
@@ -116,6 +126,35 @@ class VerifyScheduler:
 
     async def submit(self, session: EdgeSession, msg: wire.Draft) -> wire.VerdictMsg:
         """Verify one round; returns its Verdict or raises its `ProtocolError`."""
+        return await self._enqueue(session, msg)
+
+    async def step(self, session: EdgeSession) -> wire.Tokens:
+        """One edge-only decode step of `session`, batched with the verification rounds
+        (one new token, one logits row: the cheapest member of a batch)."""
+        if not self.config.batch_edge_only:
+            return await self._run(session.edge_only_step)
+        return await self._enqueue(session, None)
+
+    async def start(self, session: EdgeSession, msg: wire.Start) -> list[wire.Message]:
+        """A Start, its prompt prefilled in jobs of `prefill_chunk` tokens on the worker.
+
+        Each chunk is its own worker job, so batches queued while a chunk runs go before
+        the next chunk: the head-of-line delay a long prompt causes the other sessions
+        is one chunk, not the whole prompt.
+        """
+        chunk = self.config.prefill_chunk
+        if not chunk:
+            return await self._run(session.start, msg)
+        self._prefilling += 1
+        try:
+            await self._run(session.begin_start, msg)
+            while await self._run(session.prefill_step, chunk):
+                pass
+            return await self._run(session.finish_start)
+        finally:
+            self._prefilling -= 1
+
+    async def _enqueue(self, session: EdgeSession, msg: wire.Draft | None) -> Any:
         if self._closed:
             raise ProtocolError(ErrorCode.SHUTDOWN, "the edge is shutting down")
         loop = asyncio.get_running_loop()
@@ -149,7 +188,7 @@ class VerifyScheduler:
         n = len(self._queue)
         if n >= self.config.effective_max_batch:
             return True
-        return self._active is not None and n >= self._active()
+        return self._active is not None and n >= self._active() - self._prefilling
 
     async def _dispatch_loop(self) -> None:
         assert self._wake is not None
@@ -191,44 +230,62 @@ class VerifyScheduler:
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
-                if self._metrics is not None:
+                if self._metrics is not None and job.msg is not None:
                     self._metrics.verify_latency.observe(now - job.t_arrival)
 
     # -- one batch (model worker thread) ---------------------------------------------
 
     def _execute(self, batch: list[_Job]) -> list[Any]:
-        """Prepare, forward together, finish; one result (reply or exception) per job."""
+        """Prepare, forward together, finish; one result (reply or exception) per job.
+
+        Verification rounds come first in the forward, edge-only steps after them, so
+        the rounds' logits rows are one contiguous block.
+        """
         results: list[Any] = [None] * len(batch)
         ready: list[tuple[int, PreparedRound]] = []
+        steps: list[tuple[int, PreparedStep]] = []
         for k, job in enumerate(batch):
             try:
-                ready.append((k, job.session.prepare_verify(job.msg)))
+                if job.msg is None:
+                    steps.append((k, job.session.prepare_edge_only_step()))
+                else:
+                    ready.append((k, job.session.prepare_verify(job.msg)))
             except Exception as exc:  # noqa: BLE001 - a refused round fails alone
                 results[k] = exc
-        if not ready:
+        jobs = ready + steps
+        if not jobs:
             return results
-        sequences = [batch[k].session.sequence for k, _ in ready]
+        sequences = [batch[k].session.sequence for k, _ in jobs]
         if self._torch_verify:
-            return self._execute_torch(batch, ready, sequences, results)
+            return self._execute_torch(batch, ready, steps, sequences, results)
         t0 = time.perf_counter()
         try:
-            if len(ready) == 1:
+            if len(jobs) == 1:
                 seq = sequences[0]
                 assert seq is not None
-                all_logits = [seq.forward(ready[0][1].new_ids, ready[0][1].n_rows)]
+                all_logits = [seq.forward(jobs[0][1].new_ids, jobs[0][1].n_rows)]
             else:
                 all_logits = self.model.forward_batch(
-                    sequences, [prep.new_ids for _, prep in ready], [prep.n_rows for _, prep in ready]
+                    sequences, [prep.new_ids for _, prep in jobs], [prep.n_rows for _, prep in jobs]
                 )
         except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
-            return _fail_forward(ready, results, exc)
-        self._record(len(ready), t0)
+            return _fail_forward(jobs, results, exc)
+        self._record(len(jobs), t0)
         for (k, prep), logits in zip(ready, all_logits):
             try:
                 results[k] = batch[k].session.finish_verify(prep, logits)
             except Exception as exc:  # noqa: BLE001
                 results[k] = exc
+        for (k, step), logits in zip(steps, all_logits[len(ready):]):
+            results[k] = self._finish_step(batch[k].session, step, logits[0])
         return results
+
+    @staticmethod
+    def _finish_step(session: EdgeSession, step: PreparedStep, row: Any) -> Any:
+        try:
+            return session.finish_edge_only_step(step, row)
+        except Exception as exc:  # noqa: BLE001 - a refused step fails alone
+            return exc
 
     def _record(self, n_rounds: int, t0: float) -> None:
         if self._metrics is not None:
@@ -237,19 +294,29 @@ class VerifyScheduler:
         self.batches += 1
         self.rounds += n_rounds
 
-    def _execute_torch(self, batch: list[_Job], ready: list[tuple[int, PreparedRound]], sequences: list,
-                       results: list[Any]) -> list[Any]:
+    def _execute_torch(self, batch: list[_Job], ready: list[tuple[int, PreparedRound]],
+                       steps: list[tuple[int, PreparedStep]], sequences: list, results: list[Any]) -> list[Any]:
         """`_execute` with the logits left on the model's device and verified there."""
         from edge_service import torch_verify
 
         preps = [prep for _, prep in ready]
+        jobs = ready + steps
         t0 = time.perf_counter()
         try:
-            logits, counts = self.model.forward_batch_rows(  # type: ignore[attr-defined]
-                sequences, [p.new_ids for p in preps], [p.n_rows for p in preps])
+            all_logits, all_counts = self.model.forward_batch_rows(  # type: ignore[attr-defined]
+                sequences, [p.new_ids for _, p in jobs], [p.n_rows for _, p in jobs])
         except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
-            return _fail_forward(ready, results, exc)
-        self._record(len(ready), t0)
+            return _fail_forward(jobs, results, exc)
+        self._record(len(jobs), t0)
+        counts = all_counts[: len(ready)]
+        n_rows = sum(counts)
+        logits = all_logits[:n_rows]
+        if steps:  # one row each: the host's edge-only sampling reads it whole
+            step_rows = all_logits[n_rows:].float().cpu().numpy()
+            for (k, step), row in zip(steps, step_rows):
+                results[k] = self._finish_step(batch[k].session, step, row)
+        if not ready:
+            return results
         try:
             decided = torch_verify.verify_rounds(preps, logits, counts)
         except Exception as exc:  # noqa: BLE001 - a bug: every round fails, the caches stay true
@@ -268,7 +335,7 @@ class VerifyScheduler:
         return results
 
 
-def _fail_forward(ready: list[tuple[int, PreparedRound]], results: list[Any], exc: Exception) -> list[Any]:
+def _fail_forward(ready: list[tuple[int, Any]], results: list[Any], exc: Exception) -> list[Any]:
     """A batched forward failed: every round it carried gets the failure (INTERNAL)."""
     log.exception("verification forward of %d rounds failed", len(ready), exc_info=exc)
     for k, _ in ready:

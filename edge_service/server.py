@@ -250,6 +250,8 @@ class EdgeServer:
         """Drafts go to the verification scheduler (batched across sessions); the rest to the worker."""
         if isinstance(msg, wire.Draft):
             replies = [await self.scheduler.submit(session, msg)]
+        elif isinstance(msg, wire.Start) and session.greeted:
+            replies = await self.scheduler.start(session, msg)  # prefilled in chunks between batches
         else:
             replies = await self._run(session.handle, msg)
         self.metrics.observe(msg, replies)
@@ -408,7 +410,7 @@ class EdgeServer:
         """Edge-only mode: decode and send one token at a time until done or cancelled."""
         try:
             while session.streaming:
-                msg = await self._run(session.edge_only_step)
+                msg = await self.scheduler.step(session)  # batched with verification rounds
                 data = wire.encode(msg, session=session.session_id)
                 self.metrics.bytes_out.inc(len(data))
                 await ws.send(data)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dssd_common.prefix import common_prefix_len
-from edge_service.backends.base import TargetModel, TargetSequence
+from edge_service.backends.base import KVBudgetExceeded, TargetModel, TargetSequence
 from protocol import wire
 from protocol.downlink import (
     DOWNLINKS,
@@ -126,6 +126,16 @@ class PreparedRound:
         return self.draft.size + 1
 
 
+@dataclass
+class PreparedStep:
+    """An edge-only decode step waiting for its forward (see `EdgeSession.edge_only_step`)."""
+
+    request: _Request
+    new_ids: list[int]  # the pending token
+    t0: float
+    n_rows: int = 1
+
+
 class EdgeSession:
     """One device connection: handshake, then requests of rounds."""
 
@@ -151,6 +161,7 @@ class EdgeSession:
         self._request: _Request | None = None
         self._greeted = False
         self._p_rows: np.ndarray | None = None  # preallocated (max_gamma + 1, V) buffer
+        self._starting: tuple[wire.Start, list[int], float] | None = None  # a Start being prefilled
 
     # -- handshake ------------------------------------------------------------------
 
@@ -223,6 +234,16 @@ class EdgeSession:
     # -- requests -------------------------------------------------------------------
 
     def start(self, msg: wire.Start) -> list[wire.Message]:
+        """A whole Start: `begin_start`, every `prefill_step`, `finish_start`."""
+        self.begin_start(msg)
+        while self.prefill_step():
+            pass
+        return self.finish_start()
+
+    def begin_start(self, msg: wire.Start) -> None:
+        """(a) Validate a Start, reserve its KV and keep the reusable cached prefix."""
+        if self._starting is not None:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "a Start is already being prefilled")
         if self._request is not None and not self._request.done:
             raise ProtocolError(ErrorCode.UNEXPECTED, "a request is already running on this session")
         if msg.mode not in MODES:
@@ -247,9 +268,42 @@ class EdgeSession:
                 f"context of {self.max_context}",
             )
         ids = prompt.astype(np.int64).tolist()
-        stats = RoundStats()
         t0 = time.perf_counter()
-        self._prefill(ids[:-1])
+        if self._seq is None:
+            self._seq = self.model.new_sequence()
+            self._cached = []
+        try:  # the whole request's KV, held from now on (a LIMIT now, never an OOM later)
+            self._seq.reserve(min(len(ids) + msg.max_new_tokens + self.limits.max_gamma + 1, self.max_context))
+        except KVBudgetExceeded as exc:
+            raise ProtocolError(ErrorCode.LIMIT, f"edge memory: {exc}") from None
+        # reuse the longest cached common prefix (none if the cache was evicted meanwhile)
+        keep = min(common_prefix_len(self._cached, ids[:-1]), self._seq.n_cached)
+        self._seq.rollback(keep)
+        self._cached = self._cached[:keep]
+        self._starting = (msg, ids, t0)
+
+    def prefill_step(self, max_tokens: int = PREFILL_CHUNK) -> bool:
+        """(b) Prefill the next at most `max_tokens` prompt tokens of the Start begun by
+        `begin_start`; True while more remain. The scheduler interleaves these chunks
+        with other sessions' verification batches."""
+        if self._starting is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "no Start is being prefilled")
+        ids = self._starting[1]
+        done = len(self._cached)
+        chunk = ids[done : min(done + max_tokens, len(ids) - 1)]
+        if chunk:
+            assert self._seq is not None
+            self._seq.forward(chunk, keep=0)  # a prefill uses no logits
+            self._cached.extend(chunk)
+        return len(self._cached) < len(ids) - 1
+
+    def finish_start(self) -> list[wire.Message]:
+        """(c) The prompt is in the cache: the request begins."""
+        if self._starting is None or len(self._cached) != len(self._starting[1]) - 1:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "the Start's prefill is not complete")
+        msg, ids, t0 = self._starting
+        self._starting = None
+        stats = RoundStats()
         stats.prefill_s = time.perf_counter() - t0
         self._request = _Request(
             mode=msg.mode,
@@ -264,30 +318,11 @@ class EdgeSession:
         )
         return []
 
-    def _prefill(self, ids: list[int]) -> None:
-        """Bring the KV cache to exactly `ids`, reusing the longest cached common prefix."""
-        if self._seq is None:
-            self._seq = self.model.new_sequence()
-            self._cached = []
-        keep = common_prefix_len(self._cached, ids)
-        self._seq.rollback(keep)
-        self._cached = self._cached[:keep]
-        for start in range(keep, len(ids), PREFILL_CHUNK):
-            chunk = ids[start : start + PREFILL_CHUNK]
-            self._seq.forward(chunk, keep=0)  # a prefill uses no logits
-            self._cached.extend(chunk)
-
     def _require_request(self) -> _Request:
         r = self._request
         if r is None or r.done:
             raise ProtocolError(ErrorCode.UNEXPECTED, "no request is running: send Start first")
         return r
-
-    def _forward(self, r: _Request, new_ids: list[int], keep: int) -> np.ndarray:
-        assert self._seq is not None
-        logits = self._seq.forward(new_ids, keep)
-        self._cached.extend(new_ids)
-        return logits
 
     def _keep(self, n_tokens: int) -> None:
         assert self._seq is not None
@@ -434,9 +469,20 @@ class EdgeSession:
 
     def edge_only_step(self) -> wire.Tokens:
         """Edge-only decoding: one target token per call (the server streams them)."""
+        step = self.prepare_edge_only_step()
+        assert self._seq is not None
+        return self.finish_edge_only_step(step, self._seq.forward(step.new_ids, keep=1)[0])
+
+    def prepare_edge_only_step(self) -> "PreparedStep":
+        """(a) The ids the next edge-only step feeds (the pending token); changes no state.
+        The scheduler batches these with verification rounds."""
         r = self._require_request()
-        t0 = time.perf_counter()
-        logits = self._forward(r, r.pending, keep=1)[0]
+        return PreparedStep(r, list(r.pending), time.perf_counter())
+
+    def finish_edge_only_step(self, step: "PreparedStep", logits: np.ndarray) -> wire.Tokens:
+        """(b) Draw the token from the step's logits row (`step.new_ids` already appended)."""
+        r = step.request
+        self._cached.extend(step.new_ids)
         with verification_errors():
             if r.sampling.greedy:  # no one-hot row: nothing reads it
                 token = greedy_token(logits)
@@ -444,7 +490,7 @@ class EdgeSession:
                 token = draw(logits, r.sampling, r.rng, self._rows_buffer(1)[0])
         r.committed.append(token)
         r.pending = [token]
-        r.stats.record_round(0, 0, time.perf_counter() - t0)
+        r.stats.record_round(0, 0, time.perf_counter() - step.t0)
         generated = len(r.committed) - r.n_prompt
         r.done = (
             generated >= r.max_new_tokens
@@ -459,6 +505,8 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.UNEXPECTED, "no request to end")
         r.done = True
         self._request = None
+        if self._seq is not None:
+            self._seq.idle()  # kept for prefix reuse; evictable under memory pressure
         stats: dict[str, Any] = r.stats.as_dict()
         stats["committed"] = len(r.committed)
         stats["device_committed"] = msg.n_committed
@@ -470,3 +518,4 @@ class EdgeSession:
             self._seq = None
         self._cached = []
         self._request = None
+        self._starting = None

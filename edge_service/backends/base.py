@@ -13,6 +13,10 @@ from typing import Sequence
 import numpy as np
 
 
+class KVBudgetExceeded(Exception):
+    """A sequence's KV cache does not fit in the edge's memory budget (a LIMIT refusal)."""
+
+
 class TargetModel(ABC):
     """Loaded weights, shared by every session on the edge."""
 
@@ -76,6 +80,14 @@ class TargetSequence(ABC):
     @abstractmethod
     def release(self) -> None:
         """Free the cache; the sequence is unusable afterwards."""
+
+    def reserve(self, n_tokens: int) -> None:
+        """Hold room for `n_tokens` in the cache for the request starting now, or raise
+        `KVBudgetExceeded`. A backend without a memory budget has nothing to do."""
+
+    def idle(self) -> None:
+        """The request ended: the cache is kept only for prefix reuse and may be evicted
+        under memory pressure (`n_cached` may then drop to 0 before the next use)."""
 
 
 def keep_rows(keep: int | None, n_new: int) -> int:

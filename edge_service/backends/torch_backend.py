@@ -31,7 +31,8 @@ def read_vocab_tokens(path: Path) -> list[str]:
 
 
 class TorchTargetModel(TargetModel):
-    """Weights loaded once with transformers; each session gets its own DynamicCache."""
+    """Weights loaded once with transformers; each session's KV lives in a slot of one
+    `edge_service.kv_slots.KVPool` (in place, under an optional memory budget)."""
 
     def __init__(
         self,
@@ -40,18 +41,25 @@ class TorchTargetModel(TargetModel):
         dtype: str = "float32",
         device: str = "cpu",
         threads: int | None = None,
+        kv_budget_mb: float | None = None,
     ) -> None:
+        """`kv_budget_mb`: bytes of KV all sessions may reserve together (None: no limit)."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        from edge_service.kv_slots import ATTENTION, KVPool, register_attention
+
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if kv_budget_mb is not None and kv_budget_mb <= 0:
+            raise ValueError(f"kv_budget_mb must be > 0, got {kv_budget_mb}")
         path = Path(model_path)
         if not path.exists():
             raise FileNotFoundError(f"target model not found: {path}")
         if threads:
             torch.set_num_threads(threads)
-        kwargs: dict = {"dtype": getattr(torch, dtype)}
+        register_attention()
+        kwargs: dict = {"dtype": getattr(torch, dtype), "attn_implementation": ATTENTION}
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ValueError(f"{path} is a file but not a .gguf; pass a GGUF or an HF directory")
@@ -73,10 +81,21 @@ class TorchTargetModel(TargetModel):
             eos = config.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         self.name = path.name
-        from transformers import DynamicCache
-
-        # layers of a fresh cache (0 when transformers builds them lazily: no batching then)
-        self._n_cache_layers = len(DynamicCache(config=self._model.config).layers)
+        text = config.get_text_config()
+        n_heads = int(text.num_attention_heads)
+        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // n_heads
+        self.kv_pool = KVPool(
+            n_layers=int(text.num_hidden_layers),
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
+            head_dim=int(head_dim),
+            dtype=getattr(torch, dtype),
+            device=self._device,
+            max_tokens=self.max_context,
+            budget_bytes=None if kv_budget_mb is None else int(kv_budget_mb * 2**20),
+        )
+        # a prepared 4-D mask makes transformers skip building one: the slot attention
+        # builds each session's own (the content of this one is never read)
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self._device)
 
     @property
     def model(self):  # noqa: ANN201 - the transformers model, for reference tests
@@ -84,17 +103,6 @@ class TorchTargetModel(TargetModel):
 
     def new_sequence(self) -> "TorchSequence":
         return TorchSequence(self)
-
-    def forward_rows(self, cache: object, new_ids: Sequence[int], keep: int) -> "torch.Tensor":  # noqa: F821
-        """Run `new_ids` through the model on `cache`; the logits of the last `keep`
-        positions as a tensor in the model's dtype, on the model's device."""
-        torch = self._torch
-        ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self._device)
-        with torch.inference_mode():
-            # transformers reads logits_to_keep = 0 as "all": a prefill (keep 0) projects
-            # the last position only, and drops it
-            out = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=max(keep, 1))
-        return out.logits[0, out.logits.shape[1] - keep :]
 
     def forward_batch(
         self,
@@ -121,14 +129,12 @@ class TorchTargetModel(TargetModel):
         This is what verification on the logits' device consumes; only the model's
         hidden states of the kept positions go through the lm_head.
 
-        Each session's KV cache is copied, left-padded to the longest, into one batch
-        cache; the new ids are right-padded to the longest. A 2-D attention mask hides the
-        padding and explicit position ids keep every token at its own sequence position
-        (cached keys carry their rotary positions already, so only relative order inside
-        the batch cache matters). After the forward, each session's new KV entries are
-        appended to its own cache. Logits equal the per-sequence forward to float
-        rounding (~1e-5). Caches that are not plain full-attention `DynamicLayer`s (e.g.
-        sliding-window layers) fall back to one forward per sequence.
+        The new ids of all sequences are packed into one row (no padding), each token
+        with its own position id; the slot attention (`edge_service.kv_slots`) writes
+        their keys and values into each sequence's slot in place and attends each
+        sequence over its own slot. Nothing else of any cache is copied. Logits equal a
+        per-sequence forward to float rounding (~1e-5 in fp32). A single sequence is a
+        batch of one, on the same path.
         """
         seqs = list(sequences)
         lists = [[int(t) for t in ids] for ids in new_ids]
@@ -137,111 +143,81 @@ class TorchTargetModel(TargetModel):
         counts = [keep_rows(k, len(ids)) for k, ids in zip(keep_list(keep, len(lists)), lists)]
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("forward_batch needs distinct sequences")
-        torch = self._torch
-        if len(seqs) <= 1 or not all(isinstance(s, TorchSequence) and s._batchable(self) for s in seqs):
-            for seq in seqs:
-                if not isinstance(seq, TorchSequence):
-                    raise ValueError("forward_batch_rows needs sequences of this torch model")
-            parts = [seq._forward_rows(ids, k) for seq, ids, k in zip(seqs, lists, counts)]
-            return torch.cat(parts) if parts else torch.empty((0, self.n_vocab)), counts
         for seq, ids in zip(seqs, lists):
+            if not isinstance(seq, TorchSequence) or seq._model is not self:
+                raise ValueError("forward_batch_rows needs sequences of this torch model")
             seq._check_forward(ids)
-        from transformers import DynamicCache
+        torch = self._torch
+        if not seqs:
+            return torch.empty((0, self.n_vocab)), counts
+        from edge_service.kv_slots import PLAN_KWARG
 
-        n_batch = len(seqs)
-        past = [s.n_cached for s in seqs]
-        n_new = [len(ids) for ids in lists]
-        p_max, n_max = max(past), max(n_new)
+        plan = self.kv_pool.plan([s._slot for s in seqs], [len(ids) for ids in lists])  # type: ignore[union-attr]
+        flat: list[int] = []
+        positions: list[int] = []
+        kept: list[int] = []
+        for seg, ids, k in zip(plan.segments, lists, counts):
+            flat.extend(ids)
+            positions.extend(range(seg.past, seg.past + seg.n))
+            kept.extend(range(seg.start + seg.n - k, seg.start + seg.n))
         dev = self._device
-        input_ids = torch.zeros((n_batch, n_max), dtype=torch.long)
-        mask = torch.zeros((n_batch, p_max + n_max), dtype=torch.long)
-        positions = torch.zeros((n_batch, n_max), dtype=torch.long)
-        kept = torch.zeros((n_batch, n_max), dtype=torch.bool)  # positions whose logits are returned
-        for i, (ids, p, n, k) in enumerate(zip(lists, past, n_new, counts)):
-            input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
-            mask[i, p_max - p : p_max + n] = 1
-            kept[i, n - k : n] = True
-            # padding queries continue the positions: harmless, their rows are discarded
-            positions[i] = torch.arange(p, p + n_max)
-        batch = DynamicCache(config=self._model.config)
-        if p_max:
-            for layer_idx, layer in enumerate(batch.layers):
-                src = [s._cache.layers[layer_idx] for s in seqs]
-                ref = next(lay for lay, p in zip(src, past) if p)
-                _, n_heads, _, head_dim = ref.keys.shape
-                keys = ref.keys.new_zeros((n_batch, n_heads, p_max, head_dim))
-                values = ref.values.new_zeros((n_batch, ref.values.shape[1], p_max, ref.values.shape[3]))
-                for i, (lay, p) in enumerate(zip(src, past)):
-                    if p:
-                        keys[i, :, p_max - p :] = lay.keys[0]
-                        values[i, :, p_max - p :] = lay.values[0]
-                layer.update(keys, values)
         with torch.inference_mode():
             out = self._model(
-                input_ids=input_ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=positions.to(dev),
-                cache=batch,
-                use_cache=True,
-                logits_to_keep=kept.to(dev),  # a boolean mask: the kept rows, flattened in order
+                input_ids=torch.tensor([flat], dtype=torch.long, device=dev),
+                position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
+                attention_mask=self._no_mask,
+                use_cache=False,
+                logits_to_keep=torch.tensor(kept, dtype=torch.long, device=dev),
+                **{PLAN_KWARG: plan},
             )
-            for i, (seq, n) in enumerate(zip(seqs, n_new)):
-                for layer_idx, layer in enumerate(batch.layers):
-                    seq._cache.layers[layer_idx].update(
-                        layer.keys[i : i + 1, :, p_max : p_max + n], layer.values[i : i + 1, :, p_max : p_max + n]
-                    )
-                seq._n += n
-        return out.logits.reshape(-1, out.logits.shape[-1]), counts
+        self.kv_pool.commit(plan)
+        return out.logits[0], counts
 
 
 class TorchSequence(TargetSequence):
-    def __init__(self, model: TorchTargetModel) -> None:
-        from transformers import DynamicCache
+    """One session's KV slot in the model's pool."""
 
+    def __init__(self, model: TorchTargetModel) -> None:
         self._model = model
-        self._cache = DynamicCache(config=model.model.config)
-        self._n = 0
+        self._slot = model.kv_pool.new_slot()
 
     @property
     def n_cached(self) -> int:
-        return self._n
+        return 0 if self._slot is None else self._slot.length
 
     def _check_forward(self, new_ids: Sequence[int]) -> None:
-        if self._cache is None:
+        if self._slot is None:
             raise ValueError("this sequence was released")
         if not len(new_ids):
             raise ValueError("forward needs at least one token")
-        if self._n + len(new_ids) > self._model.max_context:
+        if self._slot.length + len(new_ids) > self._model.max_context:
             raise ValueError(f"sequence would exceed the model context of {self._model.max_context}")
-
-    def _batchable(self, model: TorchTargetModel) -> bool:
-        """Whether `model.forward_batch` can stack this cache: same model, full-attention layers only."""
-        from transformers.cache_utils import DynamicLayer
-
-        return (
-            self._model is model
-            and self._cache is not None
-            and len(self._cache.layers) == model._n_cache_layers > 0
-            and all(type(layer) is DynamicLayer for layer in self._cache.layers)
-        )
 
     def forward(self, new_ids: Sequence[int], keep: int | None = None) -> np.ndarray:
         return self._forward_rows(new_ids, keep_rows(keep, len(new_ids))).float().cpu().numpy()
 
     def _forward_rows(self, new_ids: Sequence[int], keep: int) -> "torch.Tensor":  # noqa: F821
         """`forward` leaving the kept logits rows as a tensor where the model computed them."""
-        self._check_forward(new_ids)
-        rows = self._model.forward_rows(self._cache, new_ids, keep)
-        self._n += len(new_ids)
+        rows, _ = self._model.forward_batch_rows([self], [new_ids], [keep])
         return rows
 
     def rollback(self, n_keep: int) -> None:
-        if not 0 <= n_keep <= self._n:
-            raise ValueError(f"cannot roll back to {n_keep} of {self._n} cached tokens")
-        if n_keep < self._n:
-            self._cache.crop(n_keep - self._n)  # transformers 5 takes minus the tokens to drop
-            self._n = n_keep
+        n = self.n_cached
+        if not 0 <= n_keep <= n:
+            raise ValueError(f"cannot roll back to {n_keep} of {n} cached tokens")
+        if self._slot is not None:
+            self._slot.length = n_keep  # the rows beyond are overwritten by the next forward
+
+    def reserve(self, n_tokens: int) -> None:
+        if self._slot is None:
+            raise ValueError("this sequence was released")
+        self._slot.ensure(min(n_tokens, self._model.max_context), exact=True)
+
+    def idle(self) -> None:
+        if self._slot is not None:
+            self._slot.idle = True
 
     def release(self) -> None:
-        self._cache = None  # type: ignore[assignment]
-        self._n = 0
+        if self._slot is not None:
+            self._model.kv_pool.release(self._slot)
+        self._slot = None  # type: ignore[assignment]
