@@ -8,6 +8,7 @@ replay   the gamma controller replayed offline on real acceptance traces (second
 hotpath  host work around the models: edge verification per batched round (torch vs numpy),
          device transform per token, device-only vs a bare eval loop, prefill peak RSS
 kv       batched verify of 16 sessions x 1,000 tokens: KV slots vs the old cache re-pack
+prefill  p99 round latency of 8 sessions while a 2,000-token prompt arrives, chunked vs not
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -175,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     kv_arguments(k)
 
+    pf = sub.add_parser("prefill", help="p99 round latency of 8 sessions while a 2,000-token prompt arrives",
+                        description="Head-of-line delay of a long prompt, chunked prefill vs not "
+                                    "(benchmarks/prefill_hol.py).")
+    from benchmarks.prefill_hol import add_arguments as prefill_arguments
+
+    prefill_arguments(pf)
+
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
     _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
@@ -292,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import kv
 
         return kv.main(args)
+    if args.command == "prefill":
+        from benchmarks import prefill_hol
+
+        return prefill_hol.main(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
