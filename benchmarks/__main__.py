@@ -1,4 +1,4 @@
-"""`python -m benchmarks {compare,paper,quick}`: every mode side by side over emulated links.
+"""`python -m benchmarks {compare,paper,report,adaptive,replay,hotpath,kv,capacity,prefill,quick}`: every mode side by side over emulated links.
 
 compare  the link profiles x modes x gammas x sampling sweep (modest defaults; flags scale up)
 paper    the paper's grid (gamma x RTT x bandwidth, T 1, top-k 10) as a Table-2-shaped table
@@ -8,6 +8,7 @@ replay   the gamma controller replayed offline on real acceptance traces (second
 hotpath  host work around the models: edge verification per batched round (torch vs numpy),
          device transform per token, device-only vs a bare eval loop, prefill peak RSS
 kv       batched verify of 16 sessions x 1,000 tokens: KV slots vs the old cache re-pack
+capacity N replay devices against one edge: dssd vs batched edge-only, N* at an SLO
 prefill  p99 round latency of 8 sessions while a 2,000-token prompt arrives, chunked vs not
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     kv_arguments(k)
 
+    sub.add_parser("capacity", help="N devices against one edge: dssd vs batched edge-only, capacity at an SLO",
+                   description="See python -m benchmarks capacity --help (benchmarks/capacity.py).")
+
     pf = sub.add_parser("prefill", help="p99 round latency of 8 sessions while a 2,000-token prompt arrives",
                         description="Head-of-line delay of a long prompt, chunked prefill vs not "
                                     "(benchmarks/prefill_hol.py).")
@@ -276,6 +280,11 @@ def _adaptive(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["capacity"]:  # its own parser (benchmarks/capacity.py)
+        from benchmarks import capacity
+
+        return capacity.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

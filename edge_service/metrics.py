@@ -64,7 +64,7 @@ class EdgeMetrics:
         )
         self.batch_size = Histogram(
             "dssd_verify_batch_size",
-            "Rounds verified together in one target forward",
+            "Members of one batched target forward: verification rounds and edge-only decode steps",
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )

@@ -285,7 +285,7 @@ def test_eight_concurrent_devices_greedy_equal_generate(tiny_target, drafters): 
     for prompt, mode, gamma in zip(PROMPTS, modes, gammas):
         ids = drafters[0].tokenize(prompt, add_bos=False)
         jobs.append((ids, GenerationConfig(mode=mode, max_new_tokens=48, sampling=GREEDY, gamma=gamma)))
-    # a ninth device in edge-only mode: unbatched steps interleave with the batches
+    # a ninth device in edge-only mode: its decode steps join the verification batches
     jobs.append((drafters[0].tokenize("Edge only please", add_bos=False),
                  GenerationConfig(mode="edge-only", max_new_tokens=24, sampling=GREEDY)))
     with EdgeServerThread(tiny_target, config) as edge:
@@ -311,7 +311,9 @@ def test_eight_concurrent_devices_greedy_equal_generate(tiny_target, drafters): 
     assert scraped["spec_decode_num_accepted_tokens_total"] == sum(r.stats.rounds.accepted_tokens for r in spec)
     assert scraped["spec_decode_num_accepted_tokens_per_pos_total{position=0}"] == sum(
         r.stats.rounds.accepted_per_position[0] for r in spec)
-    assert scraped["dssd_verify_batch_size_sum"] == rounds
+    edge_only = [r for r in results if r.stats.mode == "edge-only"]
+    # a batch's members: the verification rounds and the edge-only steps (one per token)
+    assert scraped["dssd_verify_batch_size_sum"] == rounds + sum(len(r.ids) for r in edge_only)
     assert scraped["dssd_verify_latency_seconds_count"] == rounds
     assert scraped["dssd_requests_total{mode=dssd}"] == 6
     assert scraped["dssd_requests_total{mode=edge-only}"] == 1
