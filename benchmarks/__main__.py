@@ -1,4 +1,4 @@
-"""`python -m benchmarks {compare,paper,report,adaptive,replay,hotpath,kv,capacity,prefill,quick}`: every mode side by side over emulated links.
+"""`python -m benchmarks {compare,paper,report,adaptive,replay,hotpath,kv,capacity,gpu,prefill,quick}`: every mode side by side over emulated links.
 
 compare  the link profiles x modes x gammas x sampling sweep (modest defaults; flags scale up)
 paper    the paper's grid (gamma x RTT x bandwidth, T 1, top-k 10) as a Table-2-shaped table
@@ -9,6 +9,7 @@ hotpath  host work around the models: edge verification per batched round (torch
          device transform per token, device-only vs a bare eval loop, prefill peak RSS
 kv       batched verify of 16 sessions x 1,000 tokens: KV slots vs the old cache re-pack
 capacity N replay devices against one edge: dssd vs batched edge-only, N* at an SLO
+gpu      the edge on a CUDA device: greedy equality, forward time by batch size, capacity
 prefill  p99 round latency of 8 sessions while a 2,000-token prompt arrives, chunked vs not
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("capacity", help="N devices against one edge: dssd vs batched edge-only, capacity at an SLO",
                    description="See python -m benchmarks capacity --help (benchmarks/capacity.py).")
 
+    gp = sub.add_parser("gpu", help="the edge on CUDA: bf16/fp32 greedy equality, forward time by batch, capacity",
+                        description="GPU check in one run (< 8 min): benchmarks/gpu.py. Fails clearly without "
+                                    "CUDA; --device cpu --quick is the dry run.")
+    from benchmarks.gpu import add_arguments as gpu_arguments
+
+    gpu_arguments(gp)
+
     pf = sub.add_parser("prefill", help="p99 round latency of 8 sessions while a 2,000-token prompt arrives",
                         description="Head-of-line delay of a long prompt, chunked prefill vs not "
                                     "(benchmarks/prefill_hol.py).")
@@ -309,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import kv
 
         return kv.main(args)
+    if args.command == "gpu":
+        from benchmarks import gpu
+
+        return gpu.main(args)
     if args.command == "prefill":
         from benchmarks import prefill_hol
 
