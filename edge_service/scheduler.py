@@ -13,9 +13,10 @@ then runs the batch on the server's single model worker thread in three steps:
 
 1. `EdgeSession.prepare_verify` for each round: validation and the ids to feed (a
    refused round fails alone, the others go on);
-2. one `TargetModel.forward_batch` over the rounds' sequences (the torch backend stacks
-   the per-session KV caches into one padded batch; a backend without batching, such
-   as the ONNX one, runs its default loop of per-sequence forwards);
+2. one `TargetModel.forward_batch` over the rounds' sequences (the torch backend packs
+   the new tokens into one row and attends each session over its own KV slot in place,
+   edge_service/kv_slots.py; a backend without batching, such as the ONNX one, runs its
+   default loop of per-sequence forwards);
 3. `EdgeSession.finish_verify` for each round on its own logits rows: each session's
    sampling settings, randomness, rollback and reply are its own, so the verdicts are
    exactly those of the unbatched path.
@@ -23,12 +24,17 @@ then runs the batch on the server's single model worker thread in three steps:
 While a batch runs on the worker, new rounds gather for the next one (continuous
 batching); a lone round with an idle worker waits at most `window_ms`.
 
-Fairness: each session has at most one round in flight (the protocol is request-reply),
-batches are taken first-in first-out, so a round waits for at most
-ceil(sessions / max_batch) batches plus the one running. Prefills, `More`, `End` and
-edge-only steps are not batched: they go through the same worker queue, in arrival order,
-between batches, so neither prefills nor verification can starve the other; a
-verification waits for at most one such job per other session.
+Edge-only decode steps (`step`) join the same queue and the same forwards as the rounds
+(continuous batching: one pending token and one logits row each), unless
+`batch_edge_only` is off. A `Start` (`start`) runs as separate worker jobs: validation
+and the KV reservation, then one job per `prefill_chunk` prompt tokens, then the
+request's setup; batches queued while a chunk runs go before the next chunk, so a long
+prompt delays the other sessions by at most one chunk.
+
+Fairness: each session has at most one round or step in flight (the protocol is
+request-reply), batches are taken first-in first-out, so a round waits for at most
+ceil(sessions / max_batch) batches plus the one running and one prefill chunk. `More`
+and `End` go through the same worker queue, in arrival order, between batches.
 """
 from __future__ import annotations
 
