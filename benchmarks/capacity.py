@@ -276,7 +276,7 @@ class EdgeProcess:
         self.url = ""
         self.cmd = cmd
 
-    def wait_ready(self, timeout: float = 300.0) -> str:
+    def wait_ready(self, timeout: float = 1200.0) -> str:  # a hang guard: loading is slow under load
         from benchmarks.compare import wait_ready
 
         try:
