@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hf_to_gguf(subparsers)
     _add_edge_export(subparsers)
     _add_check_pair(subparsers)
+    _add_fetch_vocabs(subparsers)
     return parser
 
 
@@ -198,13 +199,36 @@ def _run_check_pair(args: argparse.Namespace) -> int:
         raise ToolError("--tokens and --gamma must be at least 1")
     report = check_pair(args.device, args.edge, backend=args.backend, sampling=sampling,
                         n_tokens=args.tokens, threads=args.threads)
-    print(f"vocab\tidentical {report.fingerprint} ({report.n_vocab_device} device / {report.n_vocab_edge} edge rows)")
+    print(f"vocab\t{report.pairing.describe()}")
     for r in report.prompts:
         print(f"prompt\t{r.greedy_agreement:.3f}\t{r.alpha:.3f}\t{r.positions}\t{r.prompt}")
     print(f"positions\t{report.positions}")
     print(f"greedy_agreement\t{report.greedy_agreement:.3f}")
     print(f"alpha\t{report.alpha:.3f}")
     print(f"expected_tokens_per_round_gamma{args.gamma}\t{report.expected_tokens_per_round(args.gamma):.2f}")
+    return 0
+
+
+def _add_fetch_vocabs(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "fetch-vocabs",
+        help="fetch llama.cpp's vocab-only Qwen2 and Llama-3 GGUFs (for the real-tokenizer tests)",
+        description=(
+            "Download the llama-cpp-python sdist with pip (once) and extract its vocab-only GGUFs "
+            "ggml-vocab-qwen2.gguf and ggml-vocab-llama-bpe.gguf into <models>/vocabs. Idempotent. "
+            "Prints family and path per line on stdout."
+        ),
+    )
+    p.add_argument("--models-dir", metavar="DIR", default=None,
+                   help=f"models directory (default: ${MODELS_DIR_ENV}, else ./models)")
+    p.set_defaults(handler=_run_fetch_vocabs)
+
+
+def _run_fetch_vocabs(args: argparse.Namespace) -> int:
+    from .vocab_models import fetch_vocabs
+
+    for family, path in fetch_vocabs(args.models_dir).items():
+        print(f"{family}\t{path}")
     return 0
 
 
