@@ -103,6 +103,7 @@ def fetch_vocabs(models_dir: str | Path | None = None) -> dict[str, Path]:
                     tmp.replace(root / name)  # the GGUF last: its presence means all are there
     except (tarfile.TarError, KeyError, OSError) as exc:
         raise VocabFetchError(f"cannot extract the vocab GGUFs from {sdist}: {exc}") from exc
+    sdist.unlink()  # 77 MB for 14 MB of vocabularies: fetched again only if one goes missing
     logger.info("vocab-only GGUFs in %s", root)
     return paths
 
@@ -266,9 +267,7 @@ def _fill(model: Any, values: dict[str, np.ndarray]) -> None:
             p.copy_(torch.from_numpy(values[name].astype(np.float32)))
 
 
-def _save(model: Any, tok: GGUFTokenizer, out: Path) -> None:
-    model.save_pretrained(out)
-    write_hf_tokenizer(tok, out)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def build_vocab_pair(vocab_gguf: str | Path, out_dir: str | Path, spec: VocabPairSpec = VocabPairSpec()) -> VocabPair:
@@ -286,7 +285,8 @@ def build_vocab_pair(vocab_gguf: str | Path, out_dir: str | Path, spec: VocabPai
     values = {name: _random_values(name, tuple(p.shape), rng) for name, p in target.named_parameters()}
     _fill(target, values)
     target_dir = out / "target"
-    _save(target, tok, target_dir)
+    target.save_pretrained(target_dir)
+    write_hf_tokenizer(tok, target_dir)
     draft = _new_model(tok, spec, draft_rows)
     noisy: dict[str, np.ndarray] = {}
     for name, p in draft.named_parameters():
@@ -298,6 +298,8 @@ def build_vocab_pair(vocab_gguf: str | Path, out_dir: str | Path, spec: VocabPai
         noisy[name] = base + spec.draft_noise * spread * rng.standard_normal(base.shape)
     _fill(draft, noisy)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        _save(draft, tok, Path(tmp))
+        draft.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(target_dir / name, Path(tmp) / name)
         convert_hf_to_gguf(tmp, out / "draft.gguf", "f32", progress=False)
     return VocabPair(tok.family, target_dir, out / "draft.gguf", tok.n_real, target_rows, draft_rows)
