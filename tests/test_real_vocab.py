@@ -16,7 +16,6 @@ import io
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -26,6 +25,7 @@ from device_runtime.session import DeviceClient, GenerationConfig, GenerationRes
 from device_runtime.transport import EdgeError
 from dssd_common.gguf_header import read_token_strings
 from edge_service.backends.torch_backend import TorchTargetModel
+from edge_service.scheduler import BatchConfig
 from edge_service.server import EdgeServerThread, ServerConfig
 from protocol.sampling import SamplingParams
 from protocol.vocab import VocabMismatch, Vocabulary, pair_vocabularies, padding_ids
@@ -177,21 +177,27 @@ def test_greedy_equals_generate_end_to_end(name: str, pairs: dict[str, VocabPair
 
 def test_sampled_rounds_across_row_counts(pairs: dict[str, VocabPair]) -> None:
     """Device 151,936 rows, edge 152,064: Q uploads (dsd), full P_j rows (dssd-paper) and
-    candidates (dssd) line up past the handshake; nothing outside the real tokens comes out."""
+    candidates (dssd) line up past the handshake, on the edge's torch path and on its numpy
+    path alike (same seeds, same tokens: both consume the generators identically); nothing
+    outside the real tokens comes out."""
     pair = pairs["qwen2-rows"]
     target = TorchTargetModel(pair.target_dir, threads=1)
     drafter = LlamaDrafter(pair.draft_gguf, n_ctx=512, n_threads=1, max_gamma=4)
-    sampling = SamplingParams(1.0)
+    ids = drafter.tokenize(PROMPTS[0])
+    configs = [GenerationConfig(mode=m, max_new_tokens=16, sampling=SamplingParams(1.0), gamma=3, seed=s,
+                                pipeline=False)
+               for m in ("dsd", "dssd-paper", "dssd") for s in (1, 2)]
+    outputs = []
     try:
-        with EdgeServerThread(target, ServerConfig(port=0)) as edge:
-            ids = drafter.tokenize(PROMPTS[0])
-            configs = [GenerationConfig(mode=m, max_new_tokens=16, sampling=sampling, gamma=3, seed=s)
-                       for m in ("dsd", "dssd-paper", "dssd") for s in (1, 2)]
-            results = _generate(DeviceClient(drafter, edge.url), ids, configs)
+        for torch_verify in (True, False):
+            config = ServerConfig(port=0, batching=BatchConfig(torch_verify=torch_verify))
+            with EdgeServerThread(target, config) as edge:
+                outputs.append(_generate(DeviceClient(drafter, edge.url), ids, configs))
     finally:
         drafter.close()
-    for got in results:
-        assert got.exact and got.ids and max(got.ids) < pair.n_tokens
-        assert got.stats.rounds.draft_tokens > 0
-    assert sum(r.stats.rounds.draft_tokens - r.stats.rounds.accepted_tokens for r in results) > 0  # rejections ran
-    assert np.all([len(r.ids) for r in results])
+    for results in outputs:
+        for got in results:
+            assert got.exact and got.ids and max(got.ids) < pair.n_tokens
+            assert got.stats.rounds.draft_tokens > 0
+        assert sum(r.stats.rounds.draft_tokens - r.stats.rounds.accepted_tokens for r in results) > 0  # rejections
+    assert [r.ids for r in outputs[0]] == [r.ids for r in outputs[1]]
