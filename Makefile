@@ -21,6 +21,7 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 
 models: $(STAMP)
 	$(BIN)/python -m quantize prepare-default
+	$(BIN)/python -m quantize fetch-vocabs
 
 setup: $(STAMP) models
 

@@ -118,11 +118,10 @@ async def _reference(url: str, hello: wire.Hello, ids: list[int], tokens: int) -
 def record_trace(url: str, target: Path, draft: Path, n_prompts: int, tokens: int, gamma: int) -> Trace:
     """Greedy continuations from the edge, then the real draft model's draft at every prefix."""
     from device_runtime.drafter import LlamaDrafter
-    from protocol.vocab import vocab_fingerprint
 
     drafter = LlamaDrafter(draft, n_ctx=2048, n_threads=1)
     try:
-        fp = vocab_fingerprint(drafter.vocab_tokens())
+        fp = drafter.vocabulary.fingerprint  # of the real tokens, as DeviceClient sends it
         hello = wire.Hello(wire.VERSION, fp, drafter.n_vocab, "capacity-recorder")
         prompts = []
         eos_ids: list[int] = []

@@ -18,6 +18,7 @@ import numpy as np
 
 from dssd_common.prefix import common_prefix_len
 from protocol.sampling import SamplingParams, draw
+from protocol.vocab import Vocabulary
 
 if TYPE_CHECKING:
     from device_runtime.llama_adapter import LlamaModel
@@ -62,13 +63,18 @@ class LlamaDrafter:
         self.llm = self._model.llm  # the public llama_cpp.Llama API: eval, tokenize, metadata
         self.path = path
         self.n_vocab = self._model.n_vocab
+        #: the fingerprint of the real tokens, and their count: ids from `n_tokens` on are
+        #: padding rows (a GGUF's ``[PAD<id>]`` entries) that the draft never produces
+        self.vocabulary = Vocabulary.of(self._model.vocab_texts(), self.n_vocab)
+        self.n_tokens = int(self.vocabulary.n_tokens or 0)
         self.n_ctx = n_ctx
         self._tokens: list[int] = []  # exactly what the KV cache holds
         self._eog: tuple[int, ...] | None = None
         # two slots: a pipelined draft fills one while the other's Q rows still serve
         # the residual resample of the round in flight
         self.max_gamma = max_gamma
-        self._q_rows = np.empty((2, max_gamma + 2, self.n_vocab), np.float32)
+        # zeros: draws write [0, n_tokens) only, so the padding tail of every Q row stays Q = 0
+        self._q_rows = np.zeros((2, max_gamma + 2, self.n_vocab), np.float32)
         self._ids = np.empty((2, max_gamma + 2), np.int32)
         self._q_draft = np.empty((2, max_gamma + 2), np.float32)
 
@@ -147,6 +153,7 @@ class LlamaDrafter:
         if start < 0 or start and start >= gamma:
             raise ValueError(f"start {start} must be in 0..gamma-1 (gamma {gamma})")
         ids, q_draft, q_rows = self._ids[slot], self._q_draft[slot], self._q_rows[slot]
+        n_tokens = self.n_tokens  # padding ids (protocol.vocab) are never drawn: Q = 0 there
         logits = self._logits_after([*committed, *ids[:start].tolist()] if start else committed)
         n = start
         for i in range(start, gamma):
@@ -154,7 +161,7 @@ class LlamaDrafter:
                 break
             # Q_i is kept whole (the residual resample reads it); the draw itself runs over
             # the top-k survivors only. Greedy still writes its one-hot row: DSD uploads it.
-            tok = draw(logits, params, rng, q_rows[i])
+            tok = draw(logits[:n_tokens], params, rng, q_rows[i, :n_tokens])
             ids[i] = tok
             q_draft[i] = q_rows[i, tok]
             n = i + 1

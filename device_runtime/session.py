@@ -28,7 +28,6 @@ from protocol.checks import check_tokens
 from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
-from protocol.vocab import vocab_fingerprint
 from protocol.wire import MAX_SEED
 
 log = logging.getLogger(__name__)
@@ -299,7 +298,7 @@ class DeviceClient:
         self.auth_token = auth_token
         self.ssl_context = ssl_context
         self._link: EdgeLink | None = None
-        self._fingerprint = vocab_fingerprint(drafter.vocab_tokens())
+        self._fingerprint = drafter.vocabulary.fingerprint  # of the real tokens (protocol.vocab)
         # adaptive gamma: one controller per (mode, sampling, max gamma, pipelining), kept
         # across requests, since acceptance and timings depend on these and not the prompt
         self._controllers: dict[tuple[Any, ...], GammaController] = {}

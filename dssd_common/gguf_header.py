@@ -82,7 +82,8 @@ def scan_gguf(path: str | os.PathLike[str], string_arrays: frozenset[str] = froz
     """Parse a little-endian GGUF (v2/v3) header without touching tensor data.
 
     Array-valued keys map to their length, except those named in `string_arrays`,
-    which are read in full (e.g. the tokenizer's token list).
+    which are read in full (e.g. the tokenizer's token list; scalar arrays such as the
+    token types too).
 
     Raises :class:`GGUFError` if the file is not a GGUF or its header is cut off.
     """
@@ -142,9 +143,15 @@ def _scan(path: Path, buf: mmap.mmap, string_arrays: frozenset[str]) -> GGUFSumm
             metadata[key] = read_str()
         elif vtype == gguf.GGUFValueType.ARRAY and key in string_arrays:
             sub = gguf.GGUFValueType(unpack("<I"))
-            if sub != gguf.GGUFValueType.STRING:
-                raise ValueError(f"{key} is not a string array")
-            metadata[key] = [read_str() for _ in range(unpack("<Q"))]
+            count = unpack("<Q")
+            if sub in _SCALAR_FORMATS:  # e.g. tokenizer.ggml.token_type
+                fmt = "<%d%s" % (count, _SCALAR_FORMATS[sub][-1])
+                metadata[key] = list(struct.unpack_from(fmt, buf, pos))
+                pos += struct.calcsize(fmt)
+            elif sub != gguf.GGUFValueType.STRING:
+                raise ValueError(f"{key} is not an array of strings or scalars")
+            else:
+                metadata[key] = [read_str() for _ in range(count)]
         elif vtype == gguf.GGUFValueType.ARRAY:
             count = struct.unpack_from("<Q", buf, pos + 4)[0]
             skip_value(vtype)

@@ -42,7 +42,7 @@ from edge_service.metrics import EdgeMetrics
 from edge_service.scheduler import BatchConfig, VerifyScheduler
 from edge_service.session import EdgeLimits, EdgeSession, ProtocolError
 from protocol import wire
-from protocol.vocab import vocab_fingerprint
+from protocol.vocab import Vocabulary
 from protocol.wire import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ class EdgeServer:
         self._closing = False
         self.scheme = "wss" if config.tls_cert else "ws"
         #: computed once per model, not per connection (a 262k vocabulary takes ~0.1 s)
-        self.fingerprint = vocab_fingerprint(model.vocab_tokens)
+        self.vocabulary = Vocabulary.of(model.vocab_tokens, model.n_vocab)
+        self.fingerprint = self.vocabulary.fingerprint
         self.metrics = EdgeMetrics(active_sessions=lambda: len(self._connections))
         self.metrics_port: int | None = None  # bound /metrics port once started
         self.scheduler = VerifyScheduler(
@@ -290,7 +291,7 @@ class EdgeServer:
             await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
             return None
         session = EdgeSession(self.model, cfg.limits, next(self._ids), auth_tokens=cfg.auth_tokens,
-                              fingerprint=self.fingerprint)
+                              vocabulary=self.vocabulary)
         try:
             welcome = session.hello(frame.message)  # version, access token, vocabulary: no model work
         except ProtocolError as exc:

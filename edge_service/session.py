@@ -41,7 +41,7 @@ from protocol.sampling import (
 )
 from protocol.stats import RoundStats
 from protocol.verification import Verdict, VerdictKind, dsd_verify, edge_verify, greedy_verify
-from protocol.vocab import vocab_fingerprint
+from protocol.vocab import VocabMismatch, VocabPairing, Vocabulary, pair_vocabularies
 from protocol.wire import MAX_SEED, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ class PreparedRound:
     draft: np.ndarray
     new_ids: list[int]  # pending + prefix + draft: what the target's forward must append
     t0: float
+    #: the shared id space [0, n_tokens) the rows are verified on (None: every row)
+    n_tokens: int | None = None
 
     @property
     def n_rows(self) -> int:
@@ -146,15 +148,18 @@ class EdgeSession:
         session_id: int,
         *,
         auth_tokens: frozenset[str] = frozenset(),
-        fingerprint: str | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> None:
-        """`fingerprint`: the model's vocabulary fingerprint, computed once by the server
-        (None: computed here, for sessions driven directly)."""
+        """`vocabulary`: the model's (`protocol.vocab.Vocabulary`), computed once by the
+        server (None: computed here, for sessions driven directly)."""
         self.model = model
         self._auth_tokens = auth_tokens
         self.limits = limits
         self.session_id = session_id
-        self.fingerprint = fingerprint or vocab_fingerprint(model.vocab_tokens)
+        self.vocabulary = vocabulary or Vocabulary.of(model.vocab_tokens, model.n_vocab)
+        self.fingerprint = self.vocabulary.fingerprint
+        #: set by the Hello: the shared id space [0, n_tokens) and the device's row width
+        self.pairing: VocabPairing | None = None
         self.max_context = min(limits.max_context or model.max_context, model.max_context)
         self._seq: TargetSequence | None = None
         self._cached: list[int] = []  # token ids held in the KV cache, for prefix reuse
@@ -177,26 +182,17 @@ class EdgeSession:
             hmac.compare_digest(msg.auth_token.encode(), t.encode()) for t in self._auth_tokens
         ):
             raise ProtocolError(ErrorCode.AUTH, "missing or wrong access token")
-        if msg.vocab_fingerprint != self.fingerprint:
-            raise ProtocolError(
-                ErrorCode.VOCAB_MISMATCH,
-                f"vocabulary mismatch: device {msg.vocab_fingerprint} ({msg.n_vocab} tokens), "
-                f"edge model {self.model.name} {self.fingerprint} ({len(self.model.vocab_tokens)} tokens)",
-            )
-        if msg.n_vocab != self.model.n_vocab:
-            # same tokens, different logit rows (one side pads its vocabulary): P and Q
-            # rows would not line up, so refuse here rather than fail mid-request
-            raise ProtocolError(
-                ErrorCode.VOCAB_MISMATCH,
-                f"vocabulary size mismatch: the device's model has {msg.n_vocab} logit rows, the edge's "
-                f"{self.model.name} has {self.model.n_vocab} (same token list)",
-            )
+        try:
+            self.pairing = pair_vocabularies(Vocabulary.announced(msg.vocab_fingerprint, msg.n_vocab), self.vocabulary)
+        except VocabMismatch as exc:
+            raise ProtocolError(ErrorCode.VOCAB_MISMATCH,
+                                f"vocabulary mismatch with edge model {self.model.name}: {exc}") from None
         self._greeted = True
         return wire.Welcome(
             session_id=self.session_id,
             model=self.model.name,
             vocab_fingerprint=self.fingerprint,
-            n_vocab=self.model.n_vocab,
+            n_vocab=msg.n_vocab,  # the device's rows: the width of every row on this session's wire
             eos_token_ids=self.model.eos_token_ids,
             max_gamma=self.limits.max_gamma,
             max_context=self.max_context,
@@ -255,8 +251,9 @@ class EdgeSession:
         prompt = msg.prompt_ids
         if prompt.size == 0:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "empty prompt")
-        if prompt.min() < 0 or prompt.max() >= self.model.n_vocab:
-            raise ProtocolError(ErrorCode.UNSUPPORTED, "prompt token id outside the vocabulary")
+        if prompt.min() < 0 or prompt.max() >= self._n_tokens:
+            raise ProtocolError(ErrorCode.UNSUPPORTED,
+                                f"prompt token id outside the {self._n_tokens} tokens of the vocabulary")
         if not 1 <= msg.max_new_tokens <= self.limits.max_new_tokens:
             raise ProtocolError(
                 ErrorCode.LIMIT, f"max_new_tokens must be in [1, {self.limits.max_new_tokens}]"
@@ -355,7 +352,7 @@ class EdgeSession:
         prefix = msg.prefix_ids.astype(np.int64).tolist()
         draft = msg.draft_ids.astype(np.int64)
         gamma = draft.size
-        n_vocab = self.model.n_vocab
+        n_tokens = self._n_tokens
         if len(r.committed) + len(prefix) != msg.n_committed:
             raise ProtocolError(
                 ErrorCode.DESYNC,
@@ -373,27 +370,38 @@ class EdgeSession:
         if msg.n_committed + gamma + 1 > self.max_context:
             raise ProtocolError(ErrorCode.LIMIT, f"the sequence would exceed the context of {self.max_context}")
         ids = np.concatenate([np.asarray(prefix, np.int64), draft])
-        if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
-            raise ProtocolError(ErrorCode.UNSUPPORTED, "token id outside the vocabulary")
+        if ids.size and (ids.min() < 0 or ids.max() >= n_tokens):
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"token id outside the {n_tokens} tokens of the vocabulary")
         sampling = r.sampling
         needs_q = not sampling.greedy
         if r.mode == "dsd":
             # greedy DSD reads no Q row (the verdict is the target's argmax path), so a
             # device may leave the one-hot rows out; rows that do come must fit
-            if (needs_q and msg.q_rows is None) or (msg.q_rows is not None and msg.q_rows.shape[1] != n_vocab):
-                raise ProtocolError(ErrorCode.UNSUPPORTED, f"dsd drafts carry full Q rows of length {n_vocab}")
+            width = self._device_rows
+            if (needs_q and msg.q_rows is None) or (msg.q_rows is not None and msg.q_rows.shape[1] != width):
+                raise ProtocolError(ErrorCode.UNSUPPORTED, f"dsd drafts carry full Q rows of length {width}")
         elif needs_q and (msg.q_draft is None):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "sampled dssd drafts carry q(x) for each token")
 
         t0 = time.perf_counter()
-        return PreparedRound(msg, r, prefix, draft, r.pending + prefix + draft.tolist(), t0)
+        return PreparedRound(msg, r, prefix, draft, r.pending + prefix + draft.tolist(), t0, n_tokens)
+
+    @property
+    def _n_tokens(self) -> int:
+        """The shared id space of this session: ids at or beyond it are padding (P = Q = 0)."""
+        return self.pairing.n_tokens if self.pairing is not None else int(self.vocabulary.n_tokens or 0)
+
+    @property
+    def _device_rows(self) -> int:
+        """The device's row count: the width of Q rows up and full P_j rows down."""
+        return self.pairing.device_rows if self.pairing is not None else self.model.n_vocab
 
     def finish_verify(self, prep: PreparedRound, logits: np.ndarray) -> wire.VerdictMsg:
         """(c) Verify against the target's logits for `prep.new_ids` (already appended to the
         sequence by `forward`; at least the last gamma + 1 rows), roll back to the accepted
         prefix, build the reply."""
         r, draft = prep.request, prep.draft
-        logits = logits[logits.shape[0] - prep.n_rows :]
+        logits = logits[logits.shape[0] - prep.n_rows :, : self._n_tokens]  # a view: padding ids have P = 0
         p_rows = None
         try:
             with verification_errors():
@@ -402,7 +410,8 @@ class EdgeSession:
                 else:
                     p_rows = probabilities(logits, r.sampling, out=self._rows_buffer(prep.n_rows))
                     if r.mode == "dsd":
-                        verdict = dsd_verify(p_rows, prep.msg.q_rows.astype(np.float32), draft, r.rng)
+                        q_rows = prep.msg.q_rows[:, : self._n_tokens].astype(np.float32)
+                        verdict = dsd_verify(p_rows, q_rows, draft, r.rng)
                     else:
                         verdict = edge_verify(p_rows, draft, prep.msg.q_draft, r.rng)
         except ProtocolError:
@@ -435,7 +444,7 @@ class EdgeSession:
         if verdict.kind is VerdictKind.RESAMPLE:
             assert p_j is not None
             r.pending = []
-            reply = encode_rejection(verdict, p_j, r.downlink, msg.n_candidates, r.rng)
+            reply = encode_rejection(verdict, p_j, r.downlink, msg.n_candidates, r.rng, width=self._device_rows)
             if reply.candidates:
                 r.rejected = (j, as_support(p_j))
         else:
@@ -459,12 +468,12 @@ class EdgeSession:
         r.stats.more_requests += 1
         if msg.n_candidates == 0:
             r.rejected = None
-            return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row.dense())
+            return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=p_row.dense(self._device_rows))
         return candidates_message(j, p_row, msg.n_candidates, r.rng)
 
     def _rows_buffer(self, n: int) -> np.ndarray:
         if self._p_rows is None:
-            self._p_rows = np.empty((self.limits.max_gamma + 1, self.model.n_vocab), np.float32)
+            self._p_rows = np.empty((self.limits.max_gamma + 1, self._n_tokens), np.float32)
         return self._p_rows[:n]
 
     def edge_only_step(self) -> wire.Tokens:
@@ -483,6 +492,7 @@ class EdgeSession:
         """(b) Draw the token from the step's logits row (`step.new_ids` already appended)."""
         r = step.request
         self._cached.extend(step.new_ids)
+        logits = logits[: self._n_tokens]  # a view: padding ids have P = 0
         with verification_errors():
             if r.sampling.greedy:  # no one-hot row: nothing reads it
                 token = greedy_token(logits)

@@ -114,7 +114,7 @@ def _candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, to
     m = min(CANDIDATES * k, n_vocab - 1)
     n_blocks = n_vocab // BLOCK
     if n_vocab % BLOCK == 0 and k + 1 < n_blocks and m < k * BLOCK:
-        blocks = x.view(n_rows, n_blocks, BLOCK)
+        blocks = x.reshape(n_rows, n_blocks, BLOCK)  # a view unless x is a column slice
         best, chosen = torch.topk(blocks.amax(dim=2), k + 1, dim=1)
         chosen = chosen[:, :k]
         pool = blocks.gather(1, chosen[:, :, None].expand(-1, -1, BLOCK)).reshape(n_rows, -1)
@@ -161,7 +161,8 @@ def verify_rounds(preps: Sequence[PreparedRound], logits: torch.Tensor, counts: 
                 group_logits = logits  # the usual batch: every row, in order, no copy
             else:
                 group_logits = logits.index_select(0, torch.as_tensor(index, device=logits.device))
-            flat = host_rows(group_logits, params)
+            # the shared id space of protocol.vocab (a view): padding ids have P = 0
+            flat = host_rows(group_logits[:, : preps[members[0]].n_tokens], params)
             at = 0
             for i in members:
                 rows[i], at = flat[at : at + preps[i].n_rows], at + preps[i].n_rows
@@ -192,6 +193,7 @@ def _verify(prep: PreparedRound, rows: list[Row]) -> tuple[Verdict, RowSupport |
         return Verdict(VerdictKind.BONUS, j, int(token)), None
     if r.mode == "dsd":
         p_j = rows[j].dense() if isinstance(rows[j], RowSupport) else rows[j]
-        token = device_resample_batch(p_j[None], msg.q_rows[j].astype(np.float32)[None], r.rng)[0]
+        q_j = msg.q_rows[j, : p_j.size].astype(np.float32)  # the device's padding ids: Q = 0
+        token = device_resample_batch(p_j[None], q_j[None], r.rng)[0]
         return Verdict(VerdictKind.CORRECTION, j, int(token)), None
     return Verdict(VerdictKind.RESAMPLE, j), as_support(rows[j])

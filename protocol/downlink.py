@@ -55,8 +55,9 @@ class RowSupport:
         ids = np.flatnonzero(row)
         return cls(ids, row[ids].astype(np.float32, copy=False), row.size)
 
-    def dense(self) -> np.ndarray:
-        row = np.zeros(self.n_vocab, np.float32)
+    def dense(self, width: int | None = None) -> np.ndarray:
+        """The full row; `width` (>= n_vocab) zero-pads it to another model's row count."""
+        row = np.zeros(self.n_vocab if width is None else width, np.float32)
         row[self.ids] = self.values
         return row
 
@@ -81,16 +82,26 @@ def choose_downlink(mode: str, requested: str, sampling: SamplingParams) -> str:
 
 
 def encode_rejection(
-    verdict: Verdict, p_row: np.ndarray | RowSupport, policy: str, k: int, rng: np.random.Generator
+    verdict: Verdict, p_row: np.ndarray | RowSupport, policy: str, k: int, rng: np.random.Generator,
+    *, width: int | None = None,
 ) -> wire.VerdictMsg:
     """Edge side: the RESAMPLE verdict carrying P_j (or candidates from it) per the policy.
 
     `p_row` is the dense row or its `RowSupport`; the message is the same either way.
+    `width`: the device's row count, when P_j covers fewer ids (the shared real tokens of
+    `protocol.vocab`): a full row is zero-padded to it, the device's padding ids having P = 0.
     """
     j = verdict.n_accepted
     k = min(max(k or DEFAULT_CANDIDATES, 1), MAX_CANDIDATES)
     if policy == "full":
-        dense = p_row.dense() if isinstance(p_row, RowSupport) else p_row.astype(np.float32, copy=True)
+        support = p_row if isinstance(p_row, RowSupport) else None
+        if support is not None:
+            dense = support.dense(width)
+        elif width is None or width == p_row.size:
+            dense = p_row.astype(np.float32, copy=True)
+        else:
+            dense = np.zeros(width, np.float32)
+            dense[: p_row.size] = p_row
         return wire.VerdictMsg(VerdictKind.RESAMPLE, j, p_full=dense)
     support = as_support(p_row)
     if policy == "support" or (policy == "auto" and support.ids.size <= k):

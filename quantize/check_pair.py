@@ -2,10 +2,11 @@
 
 What a user runs before deploying a pair:
 
-1. the tokenizers must be identical -- the same vocabulary fingerprint the DSSD
-   handshake compares (:func:`protocol.vocab.vocab_fingerprint` over the device's
-   llama.cpp token list and the edge backend's ``vocab_tokens``); a mismatch is refused
-   here, with the first differing token, instead of at connect time;
+1. the tokenizers must be identical -- the very rule the DSSD handshake applies
+   (:func:`protocol.vocab.pair_vocabularies` over the real tokens of the device's
+   llama.cpp token list and of the edge backend's ``vocab_tokens``, padding such as a
+   GGUF's ``[PAD<id>]`` rows left out, row counts compared explicitly); a mismatch is
+   refused here, naming the differing tokens, instead of at connect time;
 2. how often the draft is accepted, measured on built-in chat prompts along the
    target's own greedy continuation (teacher forcing):
 
@@ -33,7 +34,7 @@ import numpy as np
 from dssd_common.gguf_header import GGUFError, scan_gguf
 from edge_service.backends.base import TargetModel
 from protocol.sampling import SamplingParams, probabilities, rng_for
-from protocol.vocab import vocab_fingerprint
+from protocol.vocab import VocabMismatch, VocabPairing, Vocabulary, pair_vocabularies
 
 from .errors import ToolError
 
@@ -76,6 +77,7 @@ class PairReport:
     n_vocab_device: int
     n_vocab_edge: int
     sampling: SamplingParams
+    pairing: VocabPairing
     prompts: list[PromptResult] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -147,17 +149,18 @@ def check_pair(
         raise ToolError(f"llama.cpp cannot load {device_path}: {exc}") from exc
     try:
         edge = load_edge(edge_model, backend, threads=threads)
-        fingerprint = _check_vocab(drafter.vocab_tokens(), drafter.n_vocab, edge)
+        pairing = pair_check(drafter.vocab_tokens(), drafter.n_vocab, edge)
+        logger.info("vocabulary: %s", pairing.describe())
         results: list[PromptResult] = []
         for i, prompt in enumerate(prompts):
-            result = _measure_prompt(drafter, edge, prompt, sampling, n_tokens, seed=i)
+            result = _measure_prompt(drafter, edge, prompt, sampling, n_tokens, pairing.n_tokens, seed=i)
             logger.info("%-60s agreement %.3f  alpha %.3f  (%d positions)", prompt[:60],
                         result.greedy_agreement, result.alpha, result.positions)
             results.append(result)
     finally:
         drafter.close()
-    return PairReport(str(device_path), str(edge_model), fingerprint, drafter.n_vocab, edge.n_vocab, sampling,
-                      results, time.perf_counter() - start)
+    return PairReport(str(device_path), str(edge_model), pairing.fingerprint, drafter.n_vocab, edge.n_vocab, sampling,
+                      pairing, results, time.perf_counter() - start)
 
 
 def _draft_context(path: Path, cap: int = 1024) -> int:
@@ -170,25 +173,13 @@ def _draft_context(path: Path, cap: int = 1024) -> int:
     return min(cap, int(trained)) if isinstance(trained, int) and trained > 0 else cap
 
 
-def _check_vocab(device_tokens: list[bytes], device_n_vocab: int, edge: TargetModel) -> str:
-    """The shared fingerprint, or :class:`PairMismatch` naming the first difference."""
-    device_fp = vocab_fingerprint(device_tokens)
-    edge_fp = vocab_fingerprint(edge.vocab_tokens)
-    if device_fp == edge_fp and device_n_vocab <= edge.n_vocab:
-        return device_fp
-    edge_tokens = [t.encode("utf-8", "surrogatepass") for t in edge.vocab_tokens]
-    first = next((i for i, (a, b) in enumerate(zip(device_tokens, edge_tokens)) if a != b),
-                 min(len(device_tokens), len(edge_tokens)))
-    detail = (f"first difference at id {first}: device {_show(device_tokens, first)} vs edge {_show(edge_tokens, first)}"
-              if device_fp != edge_fp else f"device has {device_n_vocab} logits rows, edge only {edge.n_vocab}")
-    raise PairMismatch(
-        f"tokenizers differ: device {device_fp} ({len(device_tokens)} tokens), edge {edge_fp} "
-        f"({len(edge_tokens)} tokens); {detail}. This pair cannot be used together."
-    )
-
-
-def _show(tokens: list[bytes], i: int) -> str:
-    return repr(tokens[i].decode("utf-8", "replace")) if i < len(tokens) else "(none)"
+def pair_check(device_tokens: Sequence[bytes | str], device_rows: int, edge: TargetModel) -> VocabPairing:
+    """The handshake's verdict on this pair, or :class:`PairMismatch` naming the differing tokens."""
+    try:
+        return pair_vocabularies(Vocabulary.of(device_tokens, device_rows, keep_tokens=True),
+                                 Vocabulary.of(edge.vocab_tokens, edge.n_vocab, keep_tokens=True))
+    except VocabMismatch as exc:
+        raise PairMismatch(f"{exc}. This pair cannot be used together.") from None
 
 
 def _prompt_ids(drafter: LlamaDrafter, prompt: str) -> list[int]:
@@ -201,7 +192,8 @@ def _prompt_ids(drafter: LlamaDrafter, prompt: str) -> list[int]:
 
 
 def _measure_prompt(
-    drafter: LlamaDrafter, edge: TargetModel, prompt: str, sampling: SamplingParams, n_tokens: int, *, seed: int
+    drafter: LlamaDrafter, edge: TargetModel, prompt: str, sampling: SamplingParams, n_tokens: int,
+    n_shared: int, *, seed: int,
 ) -> PromptResult:
     """Greedy target continuation; at each position compare the draft's distribution with the target's."""
     ids = _prompt_ids(drafter, prompt)
@@ -211,19 +203,20 @@ def _measure_prompt(
     overlap = 0.0
     positions = 0
     try:
-        p_logits = seq.forward(ids, keep=1)[0]
+        # both sides on the shared ids [0, n_shared) only, as the runtime (protocol.vocab)
+        p_logits = seq.forward(ids, keep=1)[0, :n_shared]
         committed = list(ids)
         for _ in range(n_tokens):
             target_tok = int(np.argmax(p_logits))
-            q = drafter.draft(committed, 1, sampling, rng).q_rows[0]
-            p = probabilities(p_logits, sampling)  # the edge may have more rows than the draft: q is 0 there
+            q = drafter.draft(committed, 1, sampling, rng).q_rows[0, :n_shared]
+            p = probabilities(p_logits, sampling)
             hits += int(np.argmax(q)) == target_tok
-            overlap += float(np.minimum(p[: q.shape[0]], q).sum(dtype=np.float64))
+            overlap += float(np.minimum(p, q).sum(dtype=np.float64))
             positions += 1
             if target_tok in edge.eos_token_ids:
                 break
             committed.append(target_tok)
-            p_logits = seq.forward([target_tok], keep=1)[0]
+            p_logits = seq.forward([target_tok], keep=1)[0, :n_shared]
     finally:
         seq.release()
     return PromptResult(prompt, positions, hits / positions, overlap / positions)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hf_to_gguf(subparsers)
     _add_edge_export(subparsers)
     _add_check_pair(subparsers)
+    _add_fetch_vocabs(subparsers)
+    _add_vocab_pair(subparsers)
     return parser
 
 
@@ -198,13 +200,72 @@ def _run_check_pair(args: argparse.Namespace) -> int:
         raise ToolError("--tokens and --gamma must be at least 1")
     report = check_pair(args.device, args.edge, backend=args.backend, sampling=sampling,
                         n_tokens=args.tokens, threads=args.threads)
-    print(f"vocab\tidentical {report.fingerprint} ({report.n_vocab_device} device / {report.n_vocab_edge} edge rows)")
+    print(f"vocab\t{report.pairing.describe()}")
     for r in report.prompts:
         print(f"prompt\t{r.greedy_agreement:.3f}\t{r.alpha:.3f}\t{r.positions}\t{r.prompt}")
     print(f"positions\t{report.positions}")
     print(f"greedy_agreement\t{report.greedy_agreement:.3f}")
     print(f"alpha\t{report.alpha:.3f}")
     print(f"expected_tokens_per_round_gamma{args.gamma}\t{report.expected_tokens_per_round(args.gamma):.2f}")
+    return 0
+
+
+def _add_fetch_vocabs(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "fetch-vocabs",
+        help="fetch llama.cpp's vocab-only Qwen2 and Llama-3 GGUFs (for the real-tokenizer tests)",
+        description=(
+            "Download the llama-cpp-python sdist with pip (once) and extract its vocab-only GGUFs "
+            "ggml-vocab-qwen2.gguf and ggml-vocab-llama-bpe.gguf into <models>/vocabs. Idempotent. "
+            "Prints family and path per line on stdout."
+        ),
+    )
+    p.add_argument("--models-dir", metavar="DIR", default=None,
+                   help=f"models directory (default: ${MODELS_DIR_ENV}, else ./models)")
+    p.set_defaults(handler=_run_fetch_vocabs)
+
+
+def _run_fetch_vocabs(args: argparse.Namespace) -> int:
+    from .vocab_models import fetch_vocabs
+
+    for family, path in fetch_vocabs(args.models_dir).items():
+        print(f"{family}\t{path}")
+    return 0
+
+
+def _add_vocab_pair(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .vocab_models import VOCAB_FILES
+
+    p = subparsers.add_parser(
+        "vocab-pair",
+        help="build a random-weight pair on a real tokenizer (HF-directory target, GGUF draft)",
+        description=(
+            "From llama.cpp's vocab-only GGUF of FAMILY (fetched by fetch-vocabs) build OUT/target "
+            "(an HF directory: that tokenizer, random weights of the real architecture, hidden size 16) "
+            "and OUT/draft.gguf (a perturbed copy converted by hf-to-gguf). For pairing and exactness "
+            "tests without real weights. Prints the paths on stdout."
+        ),
+    )
+    p.add_argument("--family", choices=sorted(VOCAB_FILES), required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--target-rows", type=int, default=None, help="target logits rows (default: the GGUF's)")
+    p.add_argument("--draft-rows", type=int, default=None, help="draft logits rows (default: the target's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models-dir", metavar="DIR", default=None,
+                   help=f"where fetch-vocabs put the vocabularies (default: ${MODELS_DIR_ENV}, else ./models)")
+    p.set_defaults(handler=_run_vocab_pair)
+
+
+def _run_vocab_pair(args: argparse.Namespace) -> int:
+    from .vocab_models import VocabPairSpec, build_vocab_pair, fetch_vocabs
+
+    vocab = fetch_vocabs(args.models_dir)[args.family]
+    pair = build_vocab_pair(vocab, args.out, VocabPairSpec(target_rows=args.target_rows,
+                                                           draft_rows=args.draft_rows, seed=args.seed))
+    print(f"target_dir\t{pair.target_dir}")
+    print(f"draft_gguf\t{pair.draft_gguf}")
+    print(f"real_tokens\t{pair.n_tokens}")
+    print(f"rows\ttarget {pair.target_rows} draft {pair.draft_rows}")
     return 0
 
 

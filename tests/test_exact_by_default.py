@@ -108,10 +108,16 @@ def test_refusals_that_never_heal_are_never_transient(code, tmp_path, tiny_pair,
             other.close()
 
 
-def test_vocabulary_of_another_size_is_refused_at_the_handshake(tiny_target):  # noqa: ANN001
+def test_vocabulary_rows_are_compared_explicitly_at_the_handshake(tiny_target):  # noqa: ANN001
+    """Same tokens: a device with more logits rows (padding) pairs, and every row on the wire
+    then has the device's width; one with fewer rows than the real tokens is refused."""
     s = EdgeSession(tiny_target, EdgeLimits(), 1)
-    with pytest.raises(ProtocolError, match="size mismatch") as err:
-        s.hello(wire.Hello(wire.VERSION, s.fingerprint, tiny_target.n_vocab + 64))
+    welcome = s.hello(wire.Hello(wire.VERSION, s.fingerprint, tiny_target.n_vocab + 64))
+    assert welcome.n_vocab == tiny_target.n_vocab + 64
+    assert s.pairing is not None and s.pairing.n_tokens == tiny_target.n_vocab
+    s = EdgeSession(tiny_target, EdgeLimits(), 2)
+    with pytest.raises(ProtocolError, match="logits rows") as err:
+        s.hello(wire.Hello(wire.VERSION, s.fingerprint, tiny_target.n_vocab - 1))
     assert err.value.code == ErrorCode.VOCAB_MISMATCH
 
 
