@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp-requirements
 export DSSD_MODELS_DIR ?= $(CURDIR)/models
 PYTEST_ARGS ?=
 
-.PHONY: setup models test test-fast demo bench clean
+.PHONY: setup models test test-fast demo cluster-demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-fast: setup
 
 demo: setup
 	bash scripts/demo.sh "$(BIN)/python"
+
+# 3 edge replicas behind HAProxy on loopback, 6 devices, one replica killed mid-generation
+# (needs haproxy: apt-get install -y haproxy). CLUSTER_DEMO_ARGS=--tiny for tiny models.
+cluster-demo: setup
+	$(BIN)/python scripts/cluster_demo.py $(CLUSTER_DEMO_ARGS)
 
 # Full side-by-side comparison on the default pair into bench-results/ (git-ignored); hours on 2 cores.
 bench: setup

@@ -21,8 +21,8 @@ import sys
 
 from device_runtime.drafter import LlamaDrafter
 from device_runtime import defaults
-from device_runtime.session import DeviceClient, GenerationConfig
-from device_runtime.transport import EdgeError
+from device_runtime.session import DeviceClient, FailoverPolicy, GenerationConfig
+from device_runtime.transport import EdgeError, parse_edge_urls
 from protocol.downlink import DOWNLINKS
 from protocol.modes import MODES
 from protocol.sampling import SamplingParams
@@ -42,6 +42,28 @@ def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=ca_file) if ca_file else None
 
 
+#: Where the device looks for an edge when no --edge is given.
+DEFAULT_EDGE = "ws://127.0.0.1:8765"
+
+
+def add_edge_arguments(p: argparse.ArgumentParser, *, edge_help: str) -> None:
+    """--edge (repeatable, comma-separated), --session-key and --reconnect-attempts: the same
+    for generating and for `serve`."""
+    p.add_argument("--edge", action="append", default=None, metavar="URL",
+                   help=f"{edge_help}; repeat it or separate URLs with commas to give replicas to move to "
+                        f"when one is lost, busy or draining (default: {DEFAULT_EDGE})")
+    p.add_argument("--session-key", default=None,
+                   help="affinity key a load balancer hashes on (sent as ?dssd_key= and X-DSSD-Key; "
+                        "default: random per run, kept across reconnections)")
+    p.add_argument("--reconnect-attempts", type=int, default=FailoverPolicy.attempts,
+                   help="reconnections in a row (with backoff) before a lost edge is an error")
+
+
+def edge_urls_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The edge URLs given (the default one without --edge)."""
+    return parse_edge_urls(args.edge if args.edge is not None else [DEFAULT_EDGE])
+
+
 def _gamma_arg(value: str) -> int | None:
     try:
         return defaults.parse_gamma(value)
@@ -57,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Device half of DSSD: draft with a GGUF model, verify on the edge.",
         epilog=_EPILOG,
     )
-    p.add_argument("--edge", default="ws://127.0.0.1:8765", help="edge URL (ws://HOST:PORT)")
+    add_edge_arguments(p, edge_help="edge URL (ws://HOST:PORT), or a load balancer in front of replicas")
     p.add_argument("--model", default=None,
                    help=f"draft GGUF (default: {default_models().draft_q4_0_gguf})")
     g = p.add_mutually_exclusive_group()
@@ -119,8 +141,9 @@ async def _run(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         round_timeout_s=args.round_timeout,
     )
-    client = DeviceClient(drafter, None if args.mode == "device-only" else args.edge,
-                          auth_token=args.token, ssl_context=ssl_context_for(args.ca_file))
+    client = DeviceClient(drafter, None if args.mode == "device-only" else edge_urls_of(args),
+                          auth_token=args.token, ssl_context=ssl_context_for(args.ca_file),
+                          session_key=args.session_key, failover=FailoverPolicy(attempts=args.reconnect_attempts))
     in_unverified = False
 
     def show(ids: list[int], text: str, verified: bool) -> None:
@@ -135,7 +158,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     try:
         if args.mode != "device-only":
-            await client.connect()  # a misconfigured edge fails here, before any output
+            await client.connect(retry=True)  # a misconfigured edge fails here, before any output
         if args.chat is None and not args.json:
             sys.stdout.write(args.prompt)
         result = await client.generate(prompt_ids, config, on_tokens=show)
@@ -166,8 +189,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models) "
         "over the device runtime. See docs/device-api.md.",
     )
-    p.add_argument("--edge", default="ws://127.0.0.1:8765",
-                   help="edge URL (ws://HOST:PORT); an empty string allows only mode device-only")
+    add_edge_arguments(p, edge_help="edge URL (ws://HOST:PORT), or a load balancer in front of replicas; an "
+                                    "empty string allows only mode device-only")
     p.add_argument("--model", default=None,
                    help=f"draft GGUF (default: {default_models().draft_q4_0_gguf})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -202,17 +225,18 @@ def serve_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        rt = DeviceRuntime(args.model or default_models().draft_q4_0_gguf, args.edge or None,
+        rt = DeviceRuntime(args.model or default_models().draft_q4_0_gguf, edge_urls_of(args) or None,
                            n_ctx=args.n_ctx, n_threads=args.threads, max_gamma=args.max_gamma,
                            n_gpu_layers=args.n_gpu_layers, parallel=args.parallel, max_queue=args.max_queue,
                            model_name=args.model_name, auth_token=args.token, ca_file=args.ca_file,
-                           fallback=args.fallback)
+                           fallback=args.fallback, session_key=args.session_key,
+                           failover=FailoverPolicy(attempts=args.reconnect_attempts))
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
     def ready(server, port: int) -> None:  # noqa: ANN001
-        print(f"ready: http://{args.host}:{port}/v1 (model {server.model_name!r}, edge {args.edge or 'none'})",
+        print(f"ready: http://{args.host}:{port}/v1 (model {server.model_name!r}, edge {rt.edge_url or 'none'})",
               flush=True)
 
     def _terminate(*_: object) -> None:

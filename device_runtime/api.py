@@ -31,8 +31,10 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from device_runtime.drafter import LlamaDrafter
 from device_runtime import defaults
-from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
+from device_runtime.session import DeviceClient, FailoverPolicy, GenerationConfig, GenerationStats
+from device_runtime.transport import parse_edge_urls
 from dssd_common.loop_thread import LoopThread
+from protocol.affinity import check_key, new_key
 from protocol.downlink import DOWNLINKS
 from protocol.modes import MODES
 from protocol.sampling import SamplingParams
@@ -246,10 +248,10 @@ def _check_options(
 
 class _Slot:
     def __init__(self, drafter: LlamaDrafter, edge_url: str | None, name: str, auth_token: str,
-                 ssl_context: "ssl.SSLContext | None") -> None:
+                 ssl_context: "ssl.SSLContext | None", **client: Any) -> None:
         self.drafter = drafter
         self.client = DeviceClient(drafter, edge_url, client_name=name, auth_token=auth_token,
-                                   ssl_context=ssl_context)
+                                   ssl_context=ssl_context, **client)
 
     async def reset(self) -> None:
         """Drop the edge connection (after an error or a cancel mid-request); reopened lazily."""
@@ -271,13 +273,15 @@ class DeviceRuntime:
     f32_kv_cache and n_gpu_layers go to `LlamaDrafter`. `drafters=` passes ready drafters instead of a path
     (they are not closed by the runtime). `auth_token` is presented to the edge in the
     Hello; a wss:// edge is verified against `ca_file` (PEM) or `ssl_context` (default:
-    the system's CAs).
+    the system's CAs). Several edge URLs (a sequence, or comma-separated) are replicas
+    to move to when one is lost, busy or draining (`failover`); `session_key` is the
+    affinity key a load balancer hashes on, one per runtime (default: random).
     """
 
     def __init__(
         self,
         model_path: str | Path | None = None,
-        edge_url: str | None = None,
+        edge_url: str | Sequence[str] | None = None,
         *,
         n_ctx: int = 4096,
         n_threads: int | None = None,
@@ -293,9 +297,12 @@ class DeviceRuntime:
         auth_token: str = "",
         ca_file: str | Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        session_key: str | None = None,
+        failover: FailoverPolicy = FailoverPolicy(),
     ) -> None:
         if ca_file is not None and ssl_context is not None:
             raise ValueError("pass ca_file or ssl_context, not both")
+        self.session_key = check_key(session_key) if session_key else new_key()  # one per device: all slots
         if ca_file is not None:
             ssl_context = ssl.create_default_context(cafile=str(ca_file))
         #: Keep generating with the draft alone when the edge is lost (pieces flagged
@@ -321,7 +328,7 @@ class DeviceRuntime:
                 raise
             self._own_drafters = True
         first = self._drafters[0]
-        self.edge_url = edge_url or None
+        self.edge_url = ",".join(parse_edge_urls(edge_url)) or None
         self.model_path = Path(first.path)
         self.model_name = model_name or self.model_path.stem
         self.n_ctx = min(d.n_ctx for d in self._drafters)
@@ -331,7 +338,8 @@ class DeviceRuntime:
         # the drafter's buffers hold max_gamma + 1 rows; draft() accepts gamma up to that
         self.max_gamma = min(d.max_gamma for d in self._drafters)
         self.max_queue = max_queue
-        self._slots = [_Slot(d, self.edge_url, client_name, auth_token, ssl_context) for d in self._drafters]
+        self._slots = [_Slot(d, self.edge_url, client_name, auth_token, ssl_context, session_key=self.session_key,
+                             failover=failover) for d in self._drafters]
         self._pending: set[concurrent.futures.Future] = set()
         self._running = 0
         self._counters = dict.fromkeys((
@@ -520,7 +528,7 @@ class DeviceRuntime:
                 target = ""
                 if spec.mode != "device-only":
                     try:
-                        link = await slot.client.connect()
+                        link = await slot.client.connect(retry=True)
                     except (OSError, ConnectionError, _WsClosed, asyncio.TimeoutError) as exc:
                         await slot.reset()
                         raise EdgeUnavailable(f"cannot reach the edge at {self.edge_url}: {exc}") from None

@@ -22,8 +22,9 @@ from device_runtime.drafter import Draft, LlamaDrafter
 from device_runtime import defaults
 from device_runtime.gamma import GammaController
 from device_runtime.rounds import AwaitAhead, DraftJob, RoundMachine, SendDraft, SendMore
-from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
+from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable, parse_edge_urls
 from protocol import wire
+from protocol.affinity import check_key, new_key
 from protocol.checks import check_tokens
 from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
@@ -39,10 +40,46 @@ TokenCallback = Callable[[list[int], str, bool], None]
 #: reconnection once the request has run on the edge. AUTH, VOCAB_MISMATCH, VERSION,
 #: LIMIT, ... never heal by retrying; an INTERNAL is retried once, a second one is final.
 TRANSIENT_EDGE_ERRORS = (wire.ErrorCode.BUSY, wire.ErrorCode.SHUTDOWN, wire.ErrorCode.INTERNAL)
+#: Answers that mean "this edge cannot take the session, another may": full (BUSY) or
+#: draining / shutting down (SHUTDOWN, sent with WebSocket close code 1001). A device
+#: moves on to the next edge URL, or reconnects through the balancer, after either.
+MOVE_EDGE_ERRORS = (wire.ErrorCode.BUSY, wire.ErrorCode.SHUTDOWN)
+
+
+def _moved(exc: Exception) -> bool:
+    """The edge is there but cannot take the session now (busy, draining): another may."""
+    if isinstance(exc, EdgeError):
+        return exc.code in MOVE_EDGE_ERRORS
+    return isinstance(exc, EdgeUnreachable) and exc.unavailable
 
 
 class EdgeLost(ConnectionError):
     """The edge was lost mid-request and could not be reached again (fallback off)."""
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """How hard a device tries to move a session when its edge is lost, busy or draining.
+
+    A *reconnection* tries every edge URL once, starting with the one after the URL that
+    failed (behind a load balancer there is one URL, and the balancer picks a replica).
+    A request may spend `attempts` reconnections in a row without a verified token in
+    between (a verified token resets the count), so a replica that keeps dying cannot hold
+    a request forever; the first is immediate, the n-th waits backoff_s * 2**(n-2), at most
+    `max_backoff_s`. Tests count attempts, never time them.
+    """
+
+    attempts: int = 5
+    backoff_s: float = 0.25
+    max_backoff_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("failover attempts and backoff must be >= 0")
+
+    def delay(self, failure: int) -> float:
+        """Seconds to wait before the `failure`-th reconnection in a row (the first: none)."""
+        return 0.0 if failure <= 1 else min(self.backoff_s * 2 ** (failure - 2), self.max_backoff_s)
 
 
 @dataclass(frozen=True)
@@ -107,6 +144,10 @@ class GenerationStats:
     unverified_tokens: int = 0  # produced by the draft alone while the edge was lost
     fallback_events: int = 0
     reconnects: int = 0
+    #: connections tried for this request (each edge URL tried counts), and the replica
+    #: (the Welcome's id, else the URL) of each connection the request ran on, in order
+    connect_attempts: int = 0
+    replicas: list[str] = field(default_factory=list)
     #: per round: tokens committed, and where its drafts came from ("inline": drafted after
     #: the previous verdict; "ahead": all drafted while it was in flight; "extended": made
     #: ahead and finished in line). A trace for diagnostics and the law tests.
@@ -281,22 +322,35 @@ class _Output:
 
 
 class DeviceClient:
-    """Runs generation requests for one drafter, against one edge connection (lazily opened)."""
+    """Runs generation requests for one drafter, against one edge connection (lazily opened).
+
+    `edge_url`: one URL, several (a sequence, or comma-separated), or None (device-only).
+    With several, the first is where the client starts and the others are where it moves,
+    in turn, when its edge is lost, busy or draining (`failover`). `session_key` is the
+    affinity key a load balancer hashes on (protocol/affinity.py); default: a random key
+    for this client, kept across its reconnections.
+    """
 
     def __init__(
         self,
         drafter: LlamaDrafter,
-        edge_url: str | None = None,
+        edge_url: str | Sequence[str] | None = None,
         *,
         client_name: str = "",
         auth_token: str = "",
         ssl_context: "ssl.SSLContext | None" = None,
+        session_key: str | None = None,
+        failover: FailoverPolicy = FailoverPolicy(),
     ) -> None:
         self.drafter = drafter
-        self.edge_url = edge_url
+        self.edge_urls = parse_edge_urls(edge_url)
+        self._current = 0  # index of the edge URL in use, or tried first
         self.client_name = client_name
         self.auth_token = auth_token
         self.ssl_context = ssl_context
+        self.session_key = check_key(session_key) if session_key else new_key()
+        self.failover = failover
+        self.connect_attempts = 0  # every edge URL tried, over this client's life
         self._link: EdgeLink | None = None
         self._fingerprint = drafter.vocabulary.fingerprint  # of the real tokens (protocol.vocab)
         # adaptive gamma: one controller per (mode, sampling, max gamma, pipelining), kept
@@ -312,15 +366,71 @@ class DeviceClient:
             self._controllers[key] = GammaController(max_gamma, pipeline=config.pipeline)
         return self._controllers[key]
 
-    async def connect(self) -> EdgeLink:
-        if self._link is None:
-            if not self.edge_url:
-                raise ValueError("this mode needs an edge: pass edge_url (ws://HOST:PORT)")
-            hello = wire.Hello(wire.VERSION, self._fingerprint, self.drafter.n_vocab, self.client_name,
-                               self.auth_token)
-            self._link = await EdgeLink.connect(self.edge_url, hello, ssl_context=self.ssl_context)
-            log.info("connected to edge %s (model %s)", self.edge_url, self._link.welcome.model)
-        return self._link
+    @property
+    def edge_url(self) -> str | None:
+        """The edge URL in use (or tried next); None without an edge."""
+        return self.edge_urls[self._current] if self.edge_urls else None
+
+    async def connect(self, *, retry: bool = False) -> EdgeLink:
+        """The open link, or a new session on the first edge URL that accepts one.
+
+        Each URL is tried once, from the current one on: an edge that is unreachable (for
+        now), busy or draining passes to the next; a permanent cause (TLS, wrong scheme, not
+        an edge, AUTH, vocabulary, a bad Welcome) raises at once. With `retry`, when every
+        edge answered BUSY or SHUTDOWN, the sweep is repeated under the failover policy's
+        backoff (at most `failover.attempts` more times) before that answer is raised; an
+        HTTP 503 at the upgrade (a draining edge, a balancer with no replica free) counts
+        as BUSY.
+        """
+        if self._link is not None:
+            return self._link
+        if not self.edge_urls:
+            raise ValueError("this mode needs an edge: pass edge_url (ws://HOST:PORT)")
+        failures = 0
+        while True:
+            try:
+                return await self._open()
+            except (EdgeError, EdgeUnreachable) as exc:
+                failures += 1
+                if not retry or not _moved(exc) or failures > self.failover.attempts:
+                    raise
+                delay = self.failover.delay(failures + 1)
+                log.warning("no edge took the session (%s); trying again in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _open(self) -> EdgeLink:
+        """One sweep over the edge URLs (see `connect`); raises a busy/draining answer if any
+        edge gave one (worth retrying), else the last error."""
+        hello = wire.Hello(wire.VERSION, self._fingerprint, self.drafter.n_vocab, self.client_name,
+                           self.auth_token)
+        moved: Exception | None = None
+        error: Exception | None = None
+        for i in range(len(self.edge_urls)):
+            index = (self._current + i) % len(self.edge_urls)
+            url = self.edge_urls[index]
+            self.connect_attempts += 1
+            try:
+                link = await EdgeLink.connect(url, hello, ssl_context=self.ssl_context, key=self.session_key)
+            except (EdgeUnreachable, EdgeError) as exc:
+                if exc.permanent if isinstance(exc, EdgeUnreachable) else not _moved(exc):
+                    raise  # TLS, wrong scheme, AUTH, vocabulary...: no other edge will do better
+                error = exc
+                if _moved(exc):
+                    moved = moved or exc
+            else:
+                self._current, self._link = index, link
+                log.info("connected to edge %s (replica %s, model %s)", url, link.welcome.replica or "?",
+                         link.welcome.model)
+                return link
+            if len(self.edge_urls) > 1:
+                log.warning("edge %s: %s; trying the next edge", url, error)
+        assert error is not None
+        raise moved or error
+
+    def _move_on(self) -> None:
+        """After losing the edge in use, the next connection starts at the next URL."""
+        if self.edge_urls:
+            self._current = (self._current + 1) % len(self.edge_urls)
 
     async def close(self) -> None:
         if self._link is not None:
@@ -362,29 +472,53 @@ class DeviceClient:
         stats: GenerationStats,
         rng: np.random.Generator,
     ) -> None:
-        """Run the request on the edge, resuming exactly after a lost connection.
+        """Run the request on the edge, moving it exactly when its edge is lost.
 
         An edge that never accepted this request's Hello (refused, DNS, TLS, wrong
-        scheme, AUTH, VOCAB_MISMATCH, VERSION, BUSY) is a configuration error: it raises
-        at once, before any token. Once the request ran on the edge, a lost connection
-        (or BUSY / SHUTDOWN / a first INTERNAL) is retried at once; if that fails too it
-        raises `EdgeLost`, or with `config.fallback` generates with the draft alone
-        (flagged) while reconnecting under exponential backoff.
+        scheme, AUTH, VOCAB_MISMATCH, VERSION) is a configuration error: it raises at
+        once, before any token; only a busy or draining edge is waited for (bounded, see
+        `connect(retry=True)`). Once the request ran on an edge, a lost connection (or
+        BUSY / SHUTDOWN / a first INTERNAL) moves it: the next connection goes to the next
+        edge URL (or through the balancer to another replica) under `self.failover`;
+        when the reconnections run out it raises `EdgeLost`, or with `config.fallback`
+        (after the first immediate one failed) generates with the draft alone (flagged)
+        while reconnecting under exponential backoff.
 
-        A resumed request restarts on the edge from everything committed so far (the edge
-        prefills it), so no committed token is lost or duplicated; it gets a fresh seed,
-        since reusing the edge's random stream would correlate it with past decisions.
+        A moved request restarts on its new edge from everything committed so far (the
+        edge prefills it), so no committed token is lost or duplicated. The round in
+        flight when the edge was lost is redone with fresh randomness: the device's
+        generator goes on (never rewound), and the edge gets a seed derived from the
+        attempt number (reusing the edge's stream would correlate the redone round with
+        decisions already made). That keeps the target's law because whether a round is
+        lost does not depend on its draws (a kill, a dropped connection or a drain happen
+        whatever was drafted; a draining edge never abandons a round it took): see
+        docs/protocol.md, "Failover".
         """
-        backoff = 0.25
-        attempt = 0
-        retried = False
-        reached = False  # an edge accepted our Hello during this request
+        attempts0 = self.connect_attempts
+        try:
+            await self._run_moving(prompt, config, out, stats, rng)
+        finally:
+            stats.connect_attempts = self.connect_attempts - attempts0
+
+    async def _run_moving(
+        self,
+        prompt: list[int],
+        config: GenerationConfig,
+        out: _Output,
+        stats: GenerationStats,
+        rng: np.random.Generator,
+    ) -> None:
+        await self.connect(retry=True)  # nothing ran yet: a misconfigured edge raises here
+        fallback_backoff = 0.25
+        attempt = 0  # (re)starts of this request on an edge: the edge seed's index
+        failures = 0  # reconnections in a row without a verified token in between
+        verified_at_loss = 0
         internal_errors = 0
         while not out.finish_reason:
             link = None
             try:
                 link = await self.connect()
-                reached = True
+                stats.replicas.append(link.welcome.replica or link.url)
                 if attempt:
                     stats.reconnects += 1
                     stats.resumed_at.append(len(out.ids))
@@ -399,28 +533,34 @@ class DeviceClient:
                     internal_errors += exc.code == wire.ErrorCode.INTERNAL
                     if exc.code not in TRANSIENT_EDGE_ERRORS or internal_errors > 1:
                         raise
-                if not reached:  # a configuration error, never a reason to fall back
-                    if isinstance(exc, (EdgeError, EdgeUnreachable)):
-                        raise
-                    raise EdgeUnreachable(self.edge_url or "", f"{type(exc).__name__}: {exc}",
-                                          permanent=False) from exc
                 if isinstance(exc, EdgeUnreachable) and exc.permanent:
                     raise
+                if out.finish_reason:  # the output is complete; only the edge's Done was lost
+                    return
                 attempt += 1
-                if not retried:  # a dropped connection: reconnect at once, lose nothing
-                    retried = True
-                    log.warning("edge connection lost (%s); reconnecting", exc)
+                if link is not None:
+                    self._move_on()
+                verified = out.verified.count(True)
+                failures = 1 if verified > verified_at_loss else failures + 1
+                verified_at_loss = verified
+                if config.fallback and failures > 1:
+                    stats.fallback_events += 1
+                    log.warning("edge unreachable (%s); generating UNVERIFIED for %.2f s (--fallback)", exc,
+                                fallback_backoff)
+                    deadline = time.perf_counter() + fallback_backoff
+                    while not out.finish_reason and time.perf_counter() < deadline:
+                        tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng)
+                        out.commit([tok], verified=False)
+                    fallback_backoff = min(fallback_backoff * 2, config.max_backoff_s)
                     continue
-                if not config.fallback:
-                    raise EdgeLost(f"lost the edge at {self.edge_url} mid-generation after "
-                                   f"{len(out.ids)} verified tokens: {exc}") from exc
-                stats.fallback_events += 1
-                log.warning("edge unreachable (%s); generating UNVERIFIED for %.2f s (--fallback)", exc, backoff)
-                deadline = time.perf_counter() + backoff
-                while not out.finish_reason and time.perf_counter() < deadline:
-                    tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng)
-                    out.commit([tok], verified=False)
-                backoff = min(backoff * 2, config.max_backoff_s)
+                if failures > self.failover.attempts:
+                    raise EdgeLost(f"lost the edge at {self.edge_url} mid-generation after {verified} verified "
+                                   f"tokens ({failures - 1} reconnections failed): {exc}") from exc
+                delay = self.failover.delay(failures)
+                log.warning("edge connection lost (%s); reconnecting%s", exc,
+                            f" in {delay:.2f} s" if delay else "")
+                if delay:
+                    await asyncio.sleep(delay)
 
     async def _request(
         self,

@@ -13,17 +13,21 @@ import errno
 import logging
 import socket
 import ssl
-from typing import TypeVar
+from typing import Sequence, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from protocol import wire
+from protocol.affinity import KEY_HEADER, with_key
 from protocol.checks import check_welcome
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+#: HTTP answers to the upgrade from a draining edge (503) or a load balancer while no replica
+#: can take the connection (bad gateway, unavailable, gateway timeout): worth another try.
+_BALANCER_UNAVAILABLE = (502, 503, 504)
 #: Receive limit beyond the largest legitimate downlink (a full fp32 P_j row).
 _FRAME_SLACK = 64 * 1024
 
@@ -33,6 +37,18 @@ def max_downlink_frame(n_vocab: int) -> int:
     P_j row (4 bytes per id) plus headers and slack (candidates are 8 bytes each, at most
     `MAX_CANDIDATES`, and a Done's stats are a small JSON object)."""
     return wire.HEADER_SIZE + 4 * n_vocab + _FRAME_SLACK
+
+
+def parse_edge_urls(edges: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Edge URLs from `--edge` values: each may list several, comma-separated; order kept.
+
+    The first is where a device starts; the others are where it moves, in turn, when its
+    edge is lost, busy or draining (behind a load balancer, one URL is enough).
+    """
+    if edges is None:
+        return ()
+    items = [edges] if isinstance(edges, str) else list(edges)
+    return tuple(u.strip() for item in items for u in item.split(",") if u.strip())
 
 
 class EdgeError(RuntimeError):
@@ -52,14 +68,17 @@ class EdgeUnreachable(ConnectionError):
     """No DSSD session could be opened with the edge; the message names the cause.
 
     `permanent`: retrying cannot help (TLS verification, wrong scheme, not an edge, bad
-    URL); otherwise the edge may come back (refused, DNS, timeout).
+    URL); otherwise the edge may come back (refused, DNS, timeout). `unavailable`: the
+    server answered HTTP 502/503/504 (a draining edge, or a balancer with no replica free
+    right now): like BUSY, worth waiting for.
     """
 
-    def __init__(self, url: str, cause: str, *, permanent: bool) -> None:
+    def __init__(self, url: str, cause: str, *, permanent: bool, unavailable: bool = False) -> None:
         super().__init__(f"cannot reach the edge at {url}: {cause}")
         self.url = url
         self.cause = cause
         self.permanent = permanent
+        self.unavailable = unavailable
 
 
 def describe_connect_error(url: str, exc: BaseException) -> EdgeUnreachable:
@@ -81,8 +100,11 @@ def describe_connect_error(url: str, exc: BaseException) -> EdgeUnreachable:
         return EdgeUnreachable(url, "the server closed the connection during the TLS handshake; it may not "
                                "speak TLS (use ws:// instead of wss://?)", permanent=False)
     if isinstance(exc, InvalidStatus):
-        return EdgeUnreachable(url, f"not a DSSD edge: the server answered HTTP {exc.response.status_code}",
-                               permanent=True)
+        status = exc.response.status_code
+        if status in _BALANCER_UNAVAILABLE:  # a draining edge, or a balancer with no replica free
+            return EdgeUnreachable(url, f"the server answered HTTP {status} (a draining edge, or a load "
+                                   "balancer with no edge available right now)", permanent=False, unavailable=True)
+        return EdgeUnreachable(url, f"not a DSSD edge: the server answered HTTP {status}", permanent=True)
     if isinstance(exc, (InvalidHandshake, EOFError)) or (isinstance(exc, ConnectionError) and not
                                                           isinstance(exc, ConnectionRefusedError)):
         hint = "" if tls else " (if the edge serves TLS, use wss://)"
@@ -103,8 +125,10 @@ def describe_connect_error(url: str, exc: BaseException) -> EdgeUnreachable:
 class EdgeLink:
     """One connection to the edge. Counts every frame's bytes in each direction."""
 
-    def __init__(self, ws: ClientConnection, welcome: wire.Welcome, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, ws: ClientConnection, welcome: wire.Welcome, max_frame: int = wire.DEFAULT_MAX_FRAME,
+                 url: str = "") -> None:
         self._ws = ws
+        self.url = url  # as given (without the affinity key)
         self.welcome = welcome
         self.max_frame = max_frame
         self.bytes_up = 0
@@ -112,21 +136,28 @@ class EdgeLink:
 
     @classmethod
     async def connect(
-        cls, url: str, hello: wire.Hello, *, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None
+        cls, url: str, hello: wire.Hello, *, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+        key: str = "",
     ) -> "EdgeLink":
         """Open a session: WebSocket handshake, Hello, a checked Welcome.
+
+        `key`: the session-affinity key (protocol/affinity.py), sent as the URL's
+        `dssd_key` parameter and the `X-DSSD-Key` header for a load balancer to hash on.
 
         Raises `EdgeUnreachable` when no connection could be opened, `EdgeError` when the
         edge refused the Hello (AUTH, VOCAB_MISMATCH, VERSION, BUSY, ...), and
         `wire.WireError` when the edge answered with an invalid frame.
         """
         max_frame = max_downlink_frame(hello.n_vocab)
-        kwargs = {"ssl": ssl_context} if url.startswith("wss://") and ssl_context is not None else {}
+        kwargs: dict = {"ssl": ssl_context} if url.startswith("wss://") and ssl_context is not None else {}
+        if key:
+            kwargs["additional_headers"] = {KEY_HEADER: key}
         try:
-            ws = await connect(url, compression=None, max_size=max_frame, open_timeout=timeout, **kwargs)
+            ws = await connect(with_key(url, key) if key else url, compression=None, max_size=max_frame,
+                               open_timeout=timeout, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure to connect gets a named cause
             raise describe_connect_error(url, exc) from exc
-        link = cls(ws, welcome=None, max_frame=max_frame)  # type: ignore[arg-type]
+        link = cls(ws, welcome=None, max_frame=max_frame, url=url)  # type: ignore[arg-type]
         try:
             await link.send(hello)
             try:

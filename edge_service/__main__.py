@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run edge-only decode steps one forward each instead of in the batches")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--replica-id", default="",
+                   help="this replica's name in Welcomes, /health and logs (default: HOSTNAME:PORT)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: seconds to finish in-flight rounds and send devices to other "
+                        "replicas before exiting (a second signal exits at once)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -93,18 +100,31 @@ async def _serve(args: argparse.Namespace) -> None:
         batching=BatchConfig(enabled=not args.no_batching, window_ms=args.batch_window_ms,
                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                              batch_edge_only=not args.no_batch_edge_only),
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, replica_id=args.replica_id,
     )
     server = EdgeServer(model, config)
     port = await server.start()
     print(f"edge_service ready on {server.scheme}://{args.host}:{port} serving {model.name} "
-          f"(health: http{'s' if args.tls_cert else ''}://{args.host}:{port}/health)", flush=True)
-    stop = asyncio.Event()
+          f"as replica {server.replica_id} (health: http{'s' if args.tls_cert else ''}://{args.host}:{port}/health)", flush=True)
+    signals = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger(__name__).info("shutting down")
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    log = logging.getLogger(__name__)
+    await signals.get()
+    log.info("draining (%.0f s at most; Ctrl-C again to exit now)", args.drain_timeout)
+    drain = asyncio.ensure_future(server.drain(args.drain_timeout))
+    while not drain.done():  # a second SIGTERM (Kubernetes after a preStop drain) changes nothing
+        again = asyncio.ensure_future(signals.get())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        if again.done() and again.result() == signal.SIGINT:
+            break
+        again.cancel()
+    if drain.done():
+        log.info("drained: %s", json.dumps(dataclasses.asdict(drain.result()), sort_keys=True))
+    else:
+        drain.cancel()
+    log.info("shutting down")
     await server.close()
 
 

@@ -14,6 +14,12 @@ Admission is in two steps, so that a stranger costs next to nothing:
    session: it counts against `max_sessions` (BUSY beyond; only authenticated sessions
    count) and its receive limits rise to the session's.
 
+Draining (`drain()`, SIGTERM in `python -m edge_service`): the edge stops admitting
+(new Hellos get SHUTDOWN, /health answers 503 so a balancer stops routing here), answers
+every frame each session had already sent (a round in flight is finished, never cut),
+then tells each device to go elsewhere (Error SHUTDOWN, WebSocket close code 1001), and
+the device resumes exactly on another replica from what it committed.
+
 Limits never count frames per second (a well-behaved client would be refused on a fast
 enough machine). They bound what costs something: work (tokens prefilled and verified,
 as a per-session budget that delays and never refuses), frames sent without waiting
@@ -25,10 +31,11 @@ import asyncio
 import itertools
 import json
 import logging
+import socket
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Callable
 
@@ -42,6 +49,7 @@ from edge_service.metrics import EdgeMetrics
 from edge_service.scheduler import BatchConfig, VerifyScheduler
 from edge_service.session import EdgeLimits, EdgeSession, ProtocolError
 from protocol import wire
+from protocol.affinity import key_of
 from protocol.vocab import Vocabulary
 from protocol.wire import ErrorCode
 
@@ -53,6 +61,23 @@ MAX_HELLO_BYTES = 8192
 #: websockets' receive queue (frames) before and after the handshake.
 _QUEUE_UNAUTHENTICATED = 1
 _QUEUE_SESSION = 16
+#: Put in a session's inbox by `drain()`: the frames before it are answered, then the
+#: session is sent elsewhere.
+_DRAIN = object()
+#: Liveness: 200 while the process answers, draining included (/health is readiness).
+LIVENESS_PATH = "/health/live"
+#: WebSocket close code after an Error SHUTDOWN ("going away"): the device moves on.
+CLOSE_GOING_AWAY = 1001
+
+
+@dataclass
+class DrainReport:
+    """What a drain did (logged by `python -m edge_service` on exit; asserted by tests)."""
+
+    sessions_moved: int = 0  # sessions told to go elsewhere (Error SHUTDOWN, close 1001)
+    rounds_finished: int = 0  # Drafts/Mores received before the drain and answered after it
+    hellos_refused: int = 0  # new sessions refused while draining
+    timed_out: bool = False  # sessions were still open after the grace period
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,9 @@ class ServerConfig:
     metrics_port: int | None = None
     #: Clock of the work budgets (a test passes a frozen one: an infinitely fast machine).
     clock: Callable[[], float] = time.monotonic
+    #: This process's name in Welcomes, /health and logs, so operators and devices can tell
+    #: replicas apart behind a balancer. "": HOSTNAME:PORT.
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_unauthenticated < 1:
@@ -157,6 +185,10 @@ class EdgeServer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-model")
         self._server: Server | None = None
         self._closing = False
+        self._draining = False
+        self._inboxes: dict[ServerConnection, asyncio.Queue] = {}  # sessions being served
+        self.drain_report = DrainReport()
+        self.replica_id = config.replica_id
         self.scheme = "wss" if config.tls_cert else "ws"
         #: computed once per model, not per connection (a 262k vocabulary takes ~0.1 s)
         self.vocabulary = Vocabulary.of(model.vocab_tokens, model.n_vocab)
@@ -175,9 +207,14 @@ class EdgeServer:
     def pending_handshakes(self) -> int:
         return len(self._unauthenticated)
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def health(self) -> dict[str, Any]:
         return {
-            "status": "closing" if self._closing else "ok",
+            "status": "closing" if self._closing else "draining" if self._draining else "ok",
+            "replica": self.replica_id,
             "model": self.model.name,
             "sessions": self.active_sessions,
             "max_sessions": self.config.max_sessions,
@@ -212,16 +249,46 @@ class EdgeServer:
             process_request=self._http,
         )
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
-        log.info("edge serving %s on %s://%s:%d", self.model.name, self.scheme, self.config.host, port)
+        self.replica_id = self.replica_id or f"{socket.gethostname()}:{port}"
+        log.info("edge %s serving %s on %s://%s:%d", self.replica_id, self.model.name, self.scheme,
+                 self.config.host, port)
         if self.config.metrics_port is not None and self.metrics_port is None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         return port
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Plain HTTP GET /health on the WebSocket port, for orchestration."""
-        if request.path == "/health":
-            return connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
+        """Plain HTTP GET /health on the WebSocket port, for orchestration: 200 while serving,
+        503 while draining or closing (a balancer's health check then stops routing here).
+        A new WebSocket upgrade while draining is answered 503 too (devices and balancers
+        treat it like BUSY and go to another replica). `/health/live` answers 200 as long
+        as the process serves, draining included (a liveness probe must not kill a drain)."""
+        leaving = self._draining or self._closing
+        if request.path in ("/health", LIVENESS_PATH):  # readiness, and liveness (200 while draining too)
+            ready = not leaving or request.path == LIVENESS_PATH
+            return connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                                      json.dumps(self.health()) + "\n")
+        if leaving:  # refused before the upgrade, so a balancer can retry another replica at once
+            self.drain_report.hellos_refused += self._draining and not self._closing
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining: connect to another replica\n")
         return None
+
+    async def drain(self, grace_s: float = 30.0) -> DrainReport:
+        """Stop admitting, finish what every session has in flight, send each device elsewhere.
+
+        Returns once every session is gone, or after `grace_s` (then `timed_out`; `close()`
+        ends the rest). Safe to call more than once.
+        """
+        if not self._draining:
+            self._draining = True
+            log.info("draining: %d sessions to move, no new sessions", len(self._connections))
+            for inbox in self._inboxes.values():
+                inbox.put_nowait(_DRAIN)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._connections and loop.time() < deadline:  # each session leaves at its next boundary
+            await asyncio.sleep(0.05)
+        self.drain_report.timed_out = bool(self._connections)
+        return self.drain_report
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Graceful shutdown: refuse new work, tell every device, close, never hang."""
@@ -287,13 +354,13 @@ class EdgeServer:
         if not isinstance(frame.message, wire.Hello):
             await self._refuse(ws, ErrorCode.UNEXPECTED, "the first frame must be a Hello")
             return None
-        if self._closing:
-            await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
+        if self._closing or self._draining:
+            await self._refuse_new(ws)
             return None
         session = EdgeSession(self.model, cfg.limits, next(self._ids), auth_tokens=cfg.auth_tokens,
                               vocabulary=self.vocabulary)
         try:
-            welcome = session.hello(frame.message)  # version, access token, vocabulary: no model work
+            welcome = replace(session.hello(frame.message), replica=self.replica_id)  # no model work
         except ProtocolError as exc:
             log.warning("handshake from %s refused: %s", ws.remote_address, exc)
             await self._refuse(ws, exc.code, str(exc))
@@ -311,12 +378,22 @@ class EdgeServer:
         except ConnectionClosed:
             self._connections.discard(ws)
             return None
-        log.info("session %d opened from %s", session.session_id, ws.remote_address)
+        log.info("session %d opened from %s (key %s)", session.session_id, ws.remote_address,
+                 key_of(ws.request.path, ws.request.headers) if ws.request is not None else "")
         return session
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        if self._closing:
+    async def _refuse_new(self, ws: ServerConnection) -> None:
+        """A new connection while draining or closing: SHUTDOWN, so the device goes elsewhere."""
+        if self._draining and not self._closing:
+            self.drain_report.hellos_refused += 1
+            await self._refuse(ws, ErrorCode.SHUTDOWN, "draining: this replica takes no new sessions; "
+                               "connect to another")
+        else:
             await self._refuse(ws, ErrorCode.SHUTDOWN, "the edge is shutting down")
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        if self._closing or self._draining:
+            await self._refuse_new(ws)
             return
         session = await self._admit(ws)
         if session is None:
@@ -359,12 +436,23 @@ class EdgeServer:
         cfg = self.config
         budget = WorkBudget(cfg.work_tokens_per_s, cfg.work_burst_tokens, cfg.clock)
         inbox: asyncio.Queue = asyncio.Queue()
+        self._inboxes[ws] = inbox
+        if self._draining:  # the drain began while this session's Welcome was on its way
+            inbox.put_nowait(_DRAIN)
         reader = asyncio.get_running_loop().create_task(self._read(ws, inbox, session))
         stream: asyncio.Task | None = None
         try:
             while True:
                 item = await inbox.get()
                 if item is None:
+                    return
+                if item is _DRAIN:
+                    if stream is not None:
+                        stream.cancel()
+                        stream = None
+                    self.drain_report.sessions_moved += 1
+                    log.info("session %d: draining, sent elsewhere", session.session_id)
+                    await self._refuse(ws, ErrorCode.SHUTDOWN, "draining: reconnect to another replica")
                     return
                 if isinstance(item, ProtocolError):
                     log.warning("session %d refused: %s", session.session_id, item)
@@ -395,6 +483,8 @@ class EdgeServer:
                     data = wire.encode(reply, session=session.session_id, round=frame.round)
                     self.metrics.bytes_out.inc(len(data))
                     await ws.send(data)
+                if self._draining and isinstance(frame.message, (wire.Draft, wire.More)):
+                    self.drain_report.rounds_finished += 1  # received before the drain, answered
                 if session.streaming and stream is None:
                     stream = asyncio.create_task(self._stream_edge_only(ws, session))
         except ConnectionClosed:
@@ -403,6 +493,7 @@ class EdgeServer:
             log.exception("session %d failed", session.session_id)
             await self._refuse(ws, ErrorCode.INTERNAL, "internal error on the edge")
         finally:
+            self._inboxes.pop(ws, None)
             reader.cancel()
             if stream is not None:
                 stream.cancel()
@@ -425,8 +516,8 @@ async def _refuse(ws: ServerConnection, code: ErrorCode, message: str, timeout: 
     """Send an Error frame and close the connection cleanly (bounded in time)."""
     try:
         await asyncio.wait_for(ws.send(wire.encode(wire.Error(int(code), message))), timeout)
-        await asyncio.wait_for(ws.close(code=1011 if code == ErrorCode.INTERNAL else 1008,
-                                        reason=code.name), timeout)
+        close = 1011 if code == ErrorCode.INTERNAL else CLOSE_GOING_AWAY if code == ErrorCode.SHUTDOWN else 1008
+        await asyncio.wait_for(ws.close(code=close, reason=code.name), timeout)
     except (ConnectionClosed, asyncio.TimeoutError, OSError):
         pass
 
@@ -444,3 +535,11 @@ class EdgeServerThread(ServerThread[EdgeServer]):
     @property
     def url(self) -> str:
         return "" if self.port is None else f"{self.server.scheme}://{self.server.config.host}:{self.port}"
+
+    def start_drain(self, grace_s: float = 30.0) -> "Future[DrainReport]":
+        """Begin `EdgeServer.drain` on the server's loop without waiting (the test's drain hook)."""
+        return self._loop.submit(self.server.drain(grace_s))
+
+    def drain(self, grace_s: float = 30.0) -> DrainReport:
+        """Drain and wait for it (not from the server's own loop)."""
+        return self.start_drain(grace_s).result(grace_s + 30)

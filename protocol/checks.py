@@ -19,6 +19,7 @@ MAX_WELCOME_GAMMA = 255
 MAX_WELCOME_CONTEXT = 2**31 - 1
 MAX_EOS_IDS = 64
 MAX_MODEL_NAME = 1024
+MAX_REPLICA_ID = 256
 
 
 def _bad(what: str) -> wire.Malformed:
@@ -38,6 +39,8 @@ def check_welcome(w: wire.Welcome, hello: wire.Hello) -> None:
         raise _bad(f"Welcome: eos ids {list(w.eos_token_ids)[:8]} outside the vocabulary")
     if not set(w.downlinks) <= set(DOWNLINKS) or len(w.model) > MAX_MODEL_NAME:
         raise _bad(f"Welcome: unknown downlinks {list(w.downlinks)} or an oversized model name")
+    if len(w.replica) > MAX_REPLICA_ID or not w.replica.isprintable():
+        raise _bad(f"Welcome: replica id {w.replica[:64]!r} (at most {MAX_REPLICA_ID} printable characters)")
 
 
 def _check_id(token: int, n_vocab: int, what: str) -> None:

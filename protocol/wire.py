@@ -235,10 +235,13 @@ class Welcome:
     max_context: int
     max_new_tokens: int
     downlinks: tuple[str, ...]
+    #: Which edge process answered (for operators and reports; "" = not said). Travels
+    #: only when set, so a Welcome without it is byte-identical to the original one.
+    replica: str = ""
 
     def payload(self) -> bytes:
         return _json_bytes(
-            {
+            ({"replica": self.replica} if self.replica else {}) | {
                 "session_id": self.session_id,
                 "model": self.model,
                 "vocab_fingerprint": self.vocab_fingerprint,
@@ -270,6 +273,7 @@ class Welcome:
             max_context=_get(o, "max_context", int),
             max_new_tokens=_get(o, "max_new_tokens", int),
             downlinks=tuple(downlinks),
+            replica=_get(o, "replica", str, ""),
         )
 
 

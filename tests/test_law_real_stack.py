@@ -39,8 +39,11 @@ def drafter(tiny_pair) -> LlamaDrafter:  # noqa: ANN001
 
 def law_pvalue(target: Any, drafter: LlamaDrafter, url: str, depth: int, make_config: Callable[[int], GenerationConfig],
                *, n: int = N, client: Callable[[], DeviceClient] | None = None,
-               fresh_connection: bool = False) -> tuple[float, list[GenerationResult]]:
+               fresh_connection: bool = False, fresh_client: bool = False) -> tuple[float, list[GenerationResult]]:
     """Chi-square p-value of the first `depth` tokens of n generations against the exact law.
+
+    `fresh_client`: a new client (from `client`) for every generation, e.g. one that must
+    start on its first edge URL each time.
 
     Cells with few expected counts are pooled, so the test stays valid; a sequence outside
     the target's support fails at once.
@@ -53,6 +56,9 @@ def law_pvalue(target: Any, drafter: LlamaDrafter, url: str, depth: int, make_co
     async def many() -> None:
         c = client() if client else DeviceClient(drafter, url)
         for seed in range(n):
+            if fresh_client and seed:
+                await c.close()
+                c = client() if client else DeviceClient(drafter, url)
             res = await c.generate(ids, make_config(seed))
             results.append(res)
             key = tuple(res.ids[:depth])
@@ -196,9 +202,12 @@ class FrameDropProxy:
     a frame count, not a TCP chunk count.
     """
 
-    def __init__(self, upstream_port: int, drop_after: int, *, stay_down: bool = False) -> None:
-        """`stay_down`: after the first drop, refuse every new connection (the edge is gone)."""
+    def __init__(self, upstream_port: int, drop_after: int, *, stay_down: bool = False,
+                 spare_resume: bool = True) -> None:
+        """`stay_down`: after the first drop, refuse every new connection (the edge is gone).
+        `spare_resume=False`: drop on every connection (resumes go to another edge)."""
         self.upstream_port, self.drop_after, self.stay_down = upstream_port, drop_after, stay_down
+        self.spare_resume = spare_resume
         self._server: asyncio.AbstractServer | None = None
         self.connections = 0
         self.drops = 0
@@ -228,6 +237,7 @@ class FrameDropProxy:
         self.connections += 1
         dropping = not self._last_dropped  # the resumed connection after a drop is left alone
         self._last_dropped = False
+        dropping = dropping or not self.spare_resume
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
         async def down() -> None:

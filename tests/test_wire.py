@@ -16,6 +16,7 @@ def _messages() -> list[wire.Message]:
     return [
         wire.Hello(1, "sha256:abc", 49152, "pi-4", "secret"),
         wire.Welcome(7, "smollm2", "sha256:abc", 49152, (2, 0), 16, 8192, 2048, ("full", "support")),
+        wire.Welcome(7, "smollm2", "sha256:abc", 49152, (2, 0), 16, 8192, 2048, ("full",), replica="edge-2:8765"),
         wire.Start("dssd", SamplingParams(0.7, 40, 0.9), 42, 128, np.arange(10, dtype=np.int32)),
         wire.Start("edge-only", SamplingParams(0.0), 0, 1, np.array([5], np.int32), "support"),
         wire.Draft(12, np.array([3], np.int32), np.array([4, 5, 6], np.int32),
@@ -131,3 +132,12 @@ def test_ids_narrow_to_uint16_and_widen_when_needed() -> None:
                            p_values=np.array([0.1, 0.2, 0.1, 0.3], np.float32), candidates=True)
     back = wire.decode(wire.encode(cand)).message
     assert back.candidates and back.p_ids.tolist() == [5, 9, 5, 80_000]
+
+
+def test_welcome_replica_travels_only_when_set() -> None:
+    """A Welcome without a replica id is byte-identical to the original one (old devices and
+    edges interoperate); one with it names the replica."""
+    plain = wire.Welcome(7, "m", "sha256:abc", 10, (0,), 4, 64, 32, ("full",))
+    assert b"replica" not in wire.encode(plain)
+    named = wire.decode(wire.encode(wire.Welcome(7, "m", "sha256:abc", 10, (0,), 4, 64, 32, ("full",), "r1")))
+    assert named.message.replica == "r1" and wire.decode(wire.encode(plain)).message.replica == ""
