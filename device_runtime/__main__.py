@@ -123,7 +123,7 @@ async def _run(args: argparse.Namespace) -> int:
                           auth_token=args.token, ssl_context=ssl_context_for(args.ca_file))
     in_unverified = False
 
-    def show(ids: list[int], text: str, verified: bool) -> None:
+    def show(ids: list[int], text: str, verified: bool, logprobs: object = None) -> None:
         nonlocal in_unverified
         if args.json:
             return

@@ -24,7 +24,8 @@ from device_runtime.gamma import GammaController
 from device_runtime.rounds import AwaitAhead, DraftJob, RoundMachine, SendDraft, SendMore
 from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
 from protocol import wire
-from protocol.checks import check_tokens
+from protocol.checks import check_logprobs, check_tokens
+from protocol import logprobs as lp
 from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
@@ -33,9 +34,12 @@ from protocol.wire import MAX_SEED
 
 log = logging.getLogger(__name__)
 
-#: on_tokens(ids, text, verified): committed ids, the text now safe to show, and whether
-#: the target verified them (False for fallback tokens from the draft alone).
-TokenCallback = Callable[[list[int], str, bool], None]
+#: on_tokens(ids, text, verified, logprobs): committed ids, the text now safe to show,
+#: whether the target verified them (False for fallback tokens from the draft alone), and,
+#: for a request with logprobs, the target's (logprob, [(id, logprob)...]) of each id (None
+#: where it is unknown: a fallback token, or one resampled just before a lost edge); else None.
+LogprobEntry = tuple[float, list[tuple[int, float]]]
+TokenCallback = Callable[[list[int], str, bool, "list[LogprobEntry | None] | None"], None]
 #: Edge errors that mean "the edge is gone for now", not "this request is wrong": worth a
 #: reconnection once the request has run on the edge. AUTH, VOCAB_MISMATCH, VERSION,
 #: LIMIT, ... never heal by retrying; an INTERNAL is retried once, a second one is final.
@@ -72,6 +76,9 @@ class GenerationConfig:
     #: A verdict that takes longer than this counts as a lost edge.
     round_timeout_s: float = 30.0
     max_backoff_s: float = 8.0
+    #: -1: none; k >= 0: the target's logprob of each token and its k best alternatives
+    #: (protocol.logprobs; not in device-only mode, where there is no target)
+    logprobs: int = lp.OFF
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,6 +91,10 @@ class GenerationConfig:
             raise ValueError(f"seed must be in [0, {MAX_SEED}]")
         if self.n_candidates is not None and not 1 <= self.n_candidates <= 255:
             raise ValueError("n_candidates must be in [1, 255] (or None for adaptive)")
+        if not lp.OFF <= self.logprobs <= lp.MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be {lp.OFF} (off) or 0..{lp.MAX_TOP_LOGPROBS} alternatives")
+        if self.logprobs != lp.OFF and self.mode == "device-only":
+            raise ValueError("logprobs are the target's: device-only mode has none (the draft's are not exact)")
 
 
 @dataclass
@@ -170,6 +181,8 @@ class GenerationResult:
     finish_reason: str  # "eos" | "length" | "stop"
     stats: GenerationStats
     verified: list[bool] = field(default_factory=list)  # per token: checked by the target
+    #: per token, with logprobs: the target's (logprob, top alternatives), None where unknown
+    logprobs: list["LogprobEntry | None"] | None = None
 
     @property
     def exact(self) -> bool:
@@ -245,13 +258,57 @@ class _Output:
         self._shown = StopText(drafter.detokenize, eos_ids, config.stop)
         self._t0 = t0
         self.ttft_s = 0.0
+        #: with logprobs: per committed id, once known; events wait in `_held` until their
+        #: ids' logprobs are in (a resampled id's comes with the next verdict)
+        self.logprobs: list[LogprobEntry | None] | None = None if config.logprobs == lp.OFF else []
+        self._held: list[tuple[list[int], str, bool]] = []
+        self._n_shown = 0  # ids handed to on_tokens
 
     @property
     def text(self) -> str:
         return self._shown.text
 
-    def commit(self, ids: Sequence[int], verified: bool = True) -> bool:
-        """Append committed ids; returns True when generation is finished."""
+    @property
+    def missing_logprobs(self) -> int:
+        """Committed ids whose logprobs have not arrived (0 or 1 in practice)."""
+        return 0 if self.logprobs is None else len(self.ids) - len(self.logprobs)
+
+    def add_logprobs(self, block: lp.TokenLogprobs | None) -> None:
+        """The target's logprobs of the next ids in order (extras past the committed ids,
+        cut by EOS / length, are dropped); releases the events they complete."""
+        if self.logprobs is None or block is None:
+            return
+        self.logprobs.extend(block.entries()[: self.missing_logprobs])
+        self._flush()
+
+    def settle_missing(self) -> None:
+        """Logprobs that can no longer arrive (the edge was lost) are None."""
+        if self.logprobs is not None:
+            self.logprobs.extend([None] * self.missing_logprobs)
+            self._flush()
+
+    def _emit(self, ids: list[int], piece: str, verified: bool) -> None:
+        if self._on_tokens is None:
+            return
+        if self.logprobs is None:
+            self._on_tokens(ids, piece, verified, None)
+            return
+        self._held.append((ids, piece, verified))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._held and self.logprobs is not None and self._on_tokens is not None:
+            ids, piece, verified = self._held[0]
+            end = self._n_shown + len(ids)
+            if len(self.logprobs) < end:
+                return
+            self._held.pop(0)
+            self._on_tokens(ids, piece, verified, self.logprobs[self._n_shown : end])
+            self._n_shown = end
+
+    def commit(self, ids: Sequence[int], verified: bool = True, logprobs: lp.TokenLogprobs | None = None) -> bool:
+        """Append committed ids (and the logprobs that came with them); returns True when
+        generation is finished."""
         new: list[int] = []
         for tok in ids:
             new.append(int(tok))
@@ -270,15 +327,18 @@ class _Output:
         piece = self._shown.feed(new)
         if self._shown.stopped_at is not None:
             self.finish_reason = "stop"
-        if self._on_tokens is not None:
-            self._on_tokens(new, piece, verified)
+        if not verified and self.logprobs is not None:
+            self.settle_missing()  # a draft-alone token has no target logprob
+        self._emit(new, piece, verified)
+        self.add_logprobs(logprobs)
         return bool(self.finish_reason)
 
     def finish(self) -> None:
         """Stream the held-back text that turned out not to start a stop string."""
+        self.settle_missing()
         tail = self._shown.finish()
-        if tail and self._on_tokens is not None:
-            self._on_tokens([], tail, self.verified[-1] if self.verified else True)
+        if tail:
+            self._emit([], tail, self.verified[-1] if self.verified else True)
 
 
 class DeviceClient:
@@ -353,7 +413,8 @@ class DeviceClient:
         stats.unverified_tokens = out.verified.count(False)
         stats.wall_s = time.perf_counter() - t0
         stats.ttft_s = out.ttft_s
-        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats, out.verified)
+        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats, out.verified,
+                                out.logprobs)
 
     async def _with_edge(
         self,
@@ -396,6 +457,7 @@ class DeviceClient:
                     stats.bytes_up += link.bytes_up
                     stats.bytes_down += link.bytes_down
                 await self.close()
+                out.settle_missing()  # the lost edge kept the row of a resampled token
                 if isinstance(exc, EdgeError):
                     internal_errors += exc.code == wire.ErrorCode.INTERNAL
                     if exc.code not in TRANSIENT_EDGE_ERRORS or internal_errors > 1:
@@ -445,17 +507,24 @@ class DeviceClient:
                 max_new_tokens=config.max_new_tokens - len(out.ids),
                 prompt_ids=np.asarray(committed, np.int32),
                 downlink=config.downlink,
+                logprobs=config.logprobs,
             )
         )
+        tail: list[int] = []
         if config.mode == "edge-only":
             await self._edge_only(link, out, config)
         else:
-            await self._speculate(link, committed, config, out, stats, rng)
-        await link.send(wire.End(len(prompt) + len(out.ids)))
+            tail = await self._speculate(link, committed, config, out, stats, rng)
+        # a last resampled id whose logprob the edge has not sent yet goes back in End
+        tail = tail[-1:] if out.missing_logprobs else []
+        await link.send(wire.End(len(prompt) + len(out.ids), tuple(tail)))
         while True:  # edge-only may still have tokens in flight before Done
             msg = await link.recv((wire.Done, wire.Tokens), timeout=config.round_timeout_s)
             if isinstance(msg, wire.Done):
-                stats.edge = msg.stats
+                stats.edge = dict(msg.stats)
+                if tail:
+                    out.add_logprobs(_tail_logprobs(stats.edge.pop("logprobs", None), config.logprobs,
+                                                    self.drafter.n_vocab))
                 break
         stats.bytes_up += link.bytes_up - up0
         stats.bytes_down += link.bytes_down - down0
@@ -475,7 +544,10 @@ class DeviceClient:
         while True:
             msg = await link.recv(wire.Tokens, timeout=config.round_timeout_s)
             check_tokens(msg, n_vocab=self.drafter.n_vocab, remaining=config.max_new_tokens - len(out.ids))
-            if out.commit(msg.ids.tolist()) or msg.done:
+            if config.logprobs != lp.OFF:
+                check_logprobs(msg.logprobs, n=msg.ids.size, k=config.logprobs, n_vocab=self.drafter.n_vocab,
+                               where="Tokens frame")
+            if out.commit(msg.ids.tolist(), logprobs=msg.logprobs) or msg.done:
                 return
 
     async def _speculate(
@@ -486,10 +558,11 @@ class DeviceClient:
         out: _Output,
         stats: GenerationStats,
         rng: np.random.Generator,
-    ) -> None:
+    ) -> list[int]:
         """dssd / dssd-paper / dsd rounds until EOS, length or a stop string: the I/O and
         the drafter around a `RoundMachine`, which decides everything else. Drafting (in
-        line and pipelined) runs on a worker thread, never on the event loop."""
+        line and pipelined) runs on a worker thread, never on the event loop. Returns the
+        committed ids the edge has not seen (the last round's resampled id, if any)."""
         max_gamma = min(config.gamma if config.gamma is not None else config.max_gamma,
                         link.welcome.max_gamma, self.drafter.max_gamma)
         m = RoundMachine(config, stats, committed, len(out.ids), rng, max_gamma=max_gamma,
@@ -514,8 +587,8 @@ class DeviceClient:
                 elif isinstance(act, SendMore):
                     await link.send(act.frame)
                     act = m.more_answer(await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s))
-                elif out.commit(act.ids):
-                    return
+                elif out.commit(act.ids, logprobs=act.logprobs):
+                    return m.prefix
                 else:
                     act = m.next_round()
         finally:
@@ -531,3 +604,13 @@ class DeviceClient:
                                keep_going=keep_going, start=job.start)
         return (d, time.perf_counter() - t0) if job.ahead else d
 
+
+
+def _tail_logprobs(obj: object, k: int, n_vocab: int) -> lp.TokenLogprobs:
+    """The logprob of the request's last, resampled id, from `Done` (checked as a frame's)."""
+    try:
+        block = lp.from_json(obj, k)
+    except ValueError as exc:
+        raise wire.Malformed(f"the edge sent an invalid Done: {exc}") from None
+    check_logprobs(block, n=1, k=k, n_vocab=n_vocab, where="Done")
+    return block

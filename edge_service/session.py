@@ -7,6 +7,7 @@ worker thread; tests can drive it directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -28,6 +29,7 @@ from protocol.downlink import (
     choose_downlink,
     encode_rejection,
 )
+from protocol import logprobs as lp
 from protocol.modes import EDGE_MODES as MODES  # the modes this edge serves
 from protocol.sampling import (
     EDGE_STREAM,
@@ -107,6 +109,11 @@ class _Request:
     rejected: tuple[int, RowSupport] | None = None  # (j, P_j) while the device may ask for more
     more_in_round: int = 0  # More requests answered for the current rejection
     done: bool = False
+    logprobs: int = lp.OFF  # alternatives per token the device asked for (OFF: no logprobs)
+    #: log-softmax of the row of the last rejection, for the logprob of the token the
+    #: device resamples there (it arrives as the next Draft's prefix, or in End)
+    lp_carry: np.ndarray | None = None
+    prefill_tokens: int = 0  # prompt tokens the KV cache did not hold already (Done stats)
 
 
 @dataclass
@@ -119,6 +126,9 @@ class PreparedRound:
     draft: np.ndarray
     new_ids: list[int]  # pending + prefix + draft: what the target's forward must append
     t0: float
+    #: the round's gamma + 1 raw logits rows on the host, kept only for a request with
+    #: logprobs (set by whichever path verifies the round)
+    logits: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -236,6 +246,9 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "empty prompt")
         if prompt.min() < 0 or prompt.max() >= self.model.n_vocab:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "prompt token id outside the vocabulary")
+        if not lp.OFF <= msg.logprobs <= lp.MAX_TOP_LOGPROBS:
+            raise ProtocolError(ErrorCode.UNSUPPORTED,
+                                f"logprobs must be {lp.OFF} (off) or 0..{lp.MAX_TOP_LOGPROBS} alternatives")
         if not 1 <= msg.max_new_tokens <= self.limits.max_new_tokens:
             raise ProtocolError(
                 ErrorCode.LIMIT, f"max_new_tokens must be in [1, {self.limits.max_new_tokens}]"
@@ -249,7 +262,7 @@ class EdgeSession:
         ids = prompt.astype(np.int64).tolist()
         stats = RoundStats()
         t0 = time.perf_counter()
-        self._prefill(ids[:-1])
+        n_prefilled = self._prefill(ids[:-1])
         stats.prefill_s = time.perf_counter() - t0
         self._request = _Request(
             mode=msg.mode,
@@ -261,11 +274,14 @@ class EdgeSession:
             stats=stats,
             committed=ids,
             pending=ids[-1:],
+            logprobs=msg.logprobs,
+            prefill_tokens=n_prefilled,
         )
         return []
 
-    def _prefill(self, ids: list[int]) -> None:
-        """Bring the KV cache to exactly `ids`, reusing the longest cached common prefix."""
+    def _prefill(self, ids: list[int]) -> int:
+        """Bring the KV cache to exactly `ids`, reusing the longest cached common prefix;
+        returns the number of tokens it had to forward."""
         if self._seq is None:
             self._seq = self.model.new_sequence()
             self._cached = []
@@ -276,6 +292,7 @@ class EdgeSession:
             chunk = ids[start : start + PREFILL_CHUNK]
             self._seq.forward(chunk, keep=0)  # a prefill uses no logits
             self._cached.extend(chunk)
+        return len(ids) - keep
 
     def _require_request(self) -> _Request:
         r = self._request
@@ -333,6 +350,8 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.LIMIT, "too many prefix tokens in one draft")
         if not r.pending and not prefix:
             raise ProtocolError(ErrorCode.DESYNC, "the resampled token is missing from this draft")
+        if r.logprobs != lp.OFF and (len(prefix) > 1 or (prefix and r.lp_carry is None)):
+            raise ProtocolError(ErrorCode.DESYNC, "with logprobs, a draft's prefix is only the resampled token")
         if msg.n_committed - r.n_prompt >= r.max_new_tokens:
             raise ProtocolError(ErrorCode.LIMIT, "max_new_tokens already reached")
         if msg.n_committed + gamma + 1 > self.max_context:
@@ -359,6 +378,8 @@ class EdgeSession:
         prefix, build the reply."""
         r, draft = prep.request, prep.draft
         logits = logits[logits.shape[0] - prep.n_rows :]
+        if r.logprobs != lp.OFF:
+            prep.logits = logits
         p_rows = None
         try:
             with verification_errors():
@@ -389,6 +410,7 @@ class EdgeSession:
         torch path (`edge_service.torch_verify`) end here."""
         msg, r, prefix, draft, new, t0 = prep.msg, prep.request, prep.prefix, prep.draft, prep.new_ids, prep.t0
         gamma = draft.size
+        logprobs = None if r.logprobs == lp.OFF else self._round_logprobs(prep, verdict)
         n_before = len(self._cached)
         self._cached.extend(new)
         r.committed.extend(prefix)
@@ -407,8 +429,29 @@ class EdgeSession:
             r.committed.append(verdict.token)
             r.pending = [verdict.token]
             reply = wire.VerdictMsg(verdict.kind, j, verdict.token)
+        if logprobs is not None:
+            reply = dataclasses.replace(reply, logprobs=logprobs)
         r.stats.record_round(gamma, j, time.perf_counter() - t0)
         return reply
+
+    @staticmethod
+    def _round_logprobs(prep: PreparedRound, verdict: Verdict) -> lp.TokenLogprobs:
+        """The target's logprobs of the tokens this verdict settles (see `wire.VerdictMsg`):
+        the prefix token from the carried row, then rows 0..j of the round; a RESAMPLE
+        carries row j's log-softmax to the next frame."""
+        r, k, j = prep.request, prep.request.logprobs, verdict.n_accepted
+        assert prep.logits is not None, "the verification path must keep the rows of a logprobs request"
+        parts = []
+        if prep.prefix:
+            assert r.lp_carry is not None
+            parts.append(lp.of_rows(r.lp_carry[np.newaxis], prep.prefix[:1], k))
+        tokens = prep.draft[:j].tolist()
+        if verdict.kind is not VerdictKind.RESAMPLE:
+            tokens.append(verdict.token)
+        lsm = lp.log_softmax(prep.logits[: j + 1])
+        parts.append(lp.of_rows(lsm[: len(tokens)], np.asarray(tokens, np.int64), k))
+        r.lp_carry = lsm[j] if verdict.kind is VerdictKind.RESAMPLE else None
+        return lp.TokenLogprobs.concat(parts, k)
 
     def more(self, msg: wire.More) -> wire.VerdictMsg:
         """The device's candidates all failed: more candidates, or the full P_j (n = 0)."""
@@ -444,6 +487,7 @@ class EdgeSession:
                 token = draw(logits, r.sampling, r.rng, self._rows_buffer(1)[0])
         r.committed.append(token)
         r.pending = [token]
+        logprobs = None if r.logprobs == lp.OFF else lp.of_logits(logits, np.array([token]), r.logprobs)
         r.stats.record_round(0, 0, time.perf_counter() - t0)
         generated = len(r.committed) - r.n_prompt
         r.done = (
@@ -451,16 +495,24 @@ class EdgeSession:
             or token in self.model.eos_token_ids
             or len(r.committed) >= self.max_context
         )
-        return wire.Tokens(np.array([token], np.int32), done=r.done)
+        return wire.Tokens(np.array([token], np.int32), done=r.done, logprobs=logprobs)
 
     def end(self, msg: wire.End) -> wire.Done:
         r = self._request
         if r is None:
             raise ProtocolError(ErrorCode.UNEXPECTED, "no request to end")
+        tail = None
+        if msg.prefix_ids and r.logprobs != lp.OFF:  # the logprob of the last, resampled token
+            if len(msg.prefix_ids) != 1 or r.lp_carry is None or not 0 <= msg.prefix_ids[0] < self.model.n_vocab:
+                raise ProtocolError(ErrorCode.DESYNC, "End: the prefix must be the one token resampled last")
+            tail = lp.as_json(lp.of_rows(r.lp_carry[np.newaxis], msg.prefix_ids, r.logprobs))
         r.done = True
         self._request = None
         stats: dict[str, Any] = r.stats.as_dict()
+        if tail is not None:
+            stats["logprobs"] = tail
         stats["committed"] = len(r.committed)
+        stats["prefill_tokens"] = r.prefill_tokens
         stats["device_committed"] = msg.n_committed
         return wire.Done(stats)
 

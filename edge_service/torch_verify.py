@@ -35,6 +35,7 @@ import torch
 
 from edge_service.session import PreparedRound, ProtocolError, verification_errors
 from protocol.downlink import RowSupport, as_support
+from protocol.logprobs import OFF as LOGPROBS_OFF
 from protocol.sampling import (
     NonFiniteLogits,
     SamplingParams,
@@ -155,6 +156,9 @@ def verify_rounds(preps: Sequence[PreparedRound], logits: torch.Tensor, counts: 
         groups.setdefault(prep.request.sampling, []).append(i)
     rows: list[list[Row]] = [[] for _ in preps]
     with torch.inference_mode():
+        for i, prep in enumerate(preps):  # the raw rows of requests that asked for logprobs
+            if prep.request.logprobs != LOGPROBS_OFF:
+                prep.logits = logits[ends[i] - prep.n_rows : ends[i]].float().cpu().numpy()
         for params, members in groups.items():
             index = np.concatenate([np.arange(ends[i] - preps[i].n_rows, ends[i]) for i in members])
             if index.size == logits.shape[0] and np.array_equal(index, np.arange(index.size)):
