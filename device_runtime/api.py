@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import queue
 import secrets
 import ssl
@@ -34,6 +35,7 @@ from device_runtime import defaults
 from device_runtime.session import DeviceClient, GenerationConfig, GenerationStats
 from dssd_common.loop_thread import LoopThread
 from protocol.downlink import DOWNLINKS
+from protocol.constraints import ConstraintError, GrammarSpec
 from protocol.logprobs import MAX_TOP_LOGPROBS, OFF as LOGPROBS_OFF
 from protocol.modes import MODES
 from protocol.sampling import SamplingParams, choice_seed
@@ -181,6 +183,7 @@ class _Spec:
     downlink: str
     logprobs: int = LOGPROBS_OFF
     n: int = 1
+    grammar: GrammarSpec | None = None
     t_submit: float = field(default_factory=time.perf_counter)
 
 
@@ -210,6 +213,9 @@ def normalize_messages(messages: object) -> list[dict[str, str]]:
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
         content = m.get("content")
+        calls = m.get("tool_calls")
+        if role == "assistant" and not content and isinstance(calls, list) and calls:
+            content = _calls_text(calls, where)  # the model's own call, as it wrote it
         if content is None:
             content = ""
         if isinstance(content, list):
@@ -227,6 +233,20 @@ def normalize_messages(messages: object) -> list[dict[str, str]]:
                                param=f"{where}.content")
         out.append({"role": role, "content": content})
     return out
+
+
+def _calls_text(calls: list, where: str) -> str:
+    """An assistant message's tool calls as the JSON text a constrained call is written in
+    (device_runtime.grammar): {"name": ..., "arguments": {...}}, one per line."""
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        try:
+            out.append(json.dumps({"name": fn["name"], "arguments": json.loads(fn.get("arguments") or "{}")}))
+        except (TypeError, KeyError, ValueError):
+            raise RequestError(f"{where}.tool_calls: each needs a function name and JSON arguments",
+                               param=f"{where}.tool_calls") from None
+    return "\n".join(out)
 
 
 def _check_options(
@@ -471,7 +491,7 @@ class DeviceRuntime:
     def _spec(
         self, prompt: Any, messages: Any, *, add_bos: bool, max_tokens: object, temperature: object,
         top_k: object, top_p: object, seed: object, stop: object, mode: object, gamma: object,
-        downlink: object, logprobs: object = None, n: object = 1,
+        downlink: object, logprobs: object = None, n: object = 1, grammar: GrammarSpec | None = None,
     ) -> _Spec:
         if (prompt is None) == (messages is None):
             raise RequestError("pass exactly one of prompt and messages", param="prompt")
@@ -490,12 +510,17 @@ class DeviceRuntime:
             stop=stop, mode=mode, gamma=gamma, downlink=downlink, max_gamma=self.max_gamma,
             logprobs=logprobs, n=n,
         )
+        if grammar is not None:
+            try:
+                grammar.check()
+            except ConstraintError as exc:
+                raise RequestError(str(exc), param="grammar") from None
         if mode != "device-only" and not self.edge_url:
             raise RequestError(f"mode {mode!r} needs an edge and this runtime has none; use device-only",
                                param="mode")
         return _Spec(prompt, msgs, bool(add_bos), max_tokens, sampling, seed_, stop_, mode,  # type: ignore[arg-type]
                      defaults.parse_gamma(gamma), downlink,  # type: ignore[arg-type]
-                     LOGPROBS_OFF if logprobs is None else int(logprobs), int(n))  # type: ignore[arg-type]
+                     LOGPROBS_OFF if logprobs is None else int(logprobs), int(n), grammar)  # type: ignore[arg-type]
 
     def _submit(self, spec: _Spec, sink: Sink) -> concurrent.futures.Future:
         with self._lock:
@@ -573,7 +598,7 @@ class DeviceRuntime:
                     config = GenerationConfig(mode=spec.mode, max_new_tokens=max_new, sampling=spec.sampling,
                                               gamma=spec.gamma, seed=choice_seed(spec.seed, index),
                                               stop=spec.stop, downlink=spec.downlink, fallback=self.fallback,
-                                              logprobs=spec.logprobs)
+                                              logprobs=spec.logprobs, grammar=spec.grammar)
                     done.append(await self._choice(slot, spec, config, prompt_ids, index, queue_s, target, sink))
                 sink(("done", done))
             finally:
@@ -642,18 +667,20 @@ class DeviceRuntime:
         top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
         seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = defaults.MODE,
         gamma: int | str | None = "auto", downlink: str = defaults.DOWNLINK, add_bos: bool = True,
-        logprobs: int | None = None, n: int = 1,
+        logprobs: int | None = None, n: int = 1, grammar: GrammarSpec | None = None,
     ) -> "TokenStream":
         """Start a generation; iterate the result for `Piece`s as tokens are committed.
 
         After iteration, `.result` holds the `Completion` (`.results`: one per choice, for
         n > 1; each `Piece.index` says its choice). `logprobs=k` (0..20) attaches the
         target's logprob of each token and its k best alternatives to pieces and results.
+        `grammar=` (a `protocol.constraints.GrammarSpec`, e.g. `json_schema_spec(schema, 0)`)
+        constrains the output exactly (both sides mask with it).
         Leaving the loop early (or `.cancel()`) stops the generation.
         """
         spec = self._spec(prompt, messages, add_bos=add_bos, max_tokens=max_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, mode=mode, gamma=gamma,
-                          downlink=downlink, logprobs=logprobs, n=n)
+                          downlink=downlink, logprobs=logprobs, n=n, grammar=grammar)
         q: queue.Queue = queue.Queue()
         return TokenStream(self._submit(spec, q.put), q, self._engine.thread)
 
@@ -671,12 +698,12 @@ class DeviceRuntime:
         top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
         seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = defaults.MODE,
         gamma: int | str | None = "auto", downlink: str = defaults.DOWNLINK, add_bos: bool = True,
-        logprobs: int | None = None, n: int = 1,
+        logprobs: int | None = None, n: int = 1, grammar: GrammarSpec | None = None,
     ) -> "AsyncTokenStream":
         """Async `stream`: `async for piece in rt.astream(...)`. Call from a running loop."""
         spec = self._spec(prompt, messages, add_bos=add_bos, max_tokens=max_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, mode=mode, gamma=gamma,
-                          downlink=downlink, logprobs=logprobs, n=n)
+                          downlink=downlink, logprobs=logprobs, n=n, grammar=grammar)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 

@@ -29,6 +29,7 @@ from device_runtime.api import (
     RuntimeBusy,
     TokenLogprob,
 )
+from device_runtime.grammar import GrammarRequestError, parse_tool_call, response_format_grammar, structured
 from device_runtime.transport import EdgeError
 from dssd_common.loop_thread import ServerThread
 from protocol.logprobs import MAX_TOP_LOGPROBS
@@ -252,6 +253,7 @@ class OpenAIServer:
         if body.get("logit_bias", (dict,), "an object", {}):
             raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
         logprobs = None
+        grammar = None
         if chat:
             max_tokens = body.int("max_completion_tokens", None)
             if max_tokens is None:
@@ -265,12 +267,11 @@ class OpenAIServer:
             if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
                 raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs",
                                code="invalid_value")
-            if body.get("tools", (list,), "an array", []):
-                raise ApiError(400, "'tools' is not supported", param="tools", code="unsupported_parameter")
-            rf = body.get("response_format", (dict,), "an object", {"type": "text"})
-            if rf.get("type", "text") != "text":
-                raise ApiError(400, "only response_format type 'text' is supported", param="response_format",
-                               code="unsupported_parameter")
+            try:
+                grammar = structured(body.get("response_format", (dict,), "an object"),
+                                     body.get("tools", (list,), "an array"), body.data.get("tool_choice")).grammar
+            except GrammarRequestError as exc:
+                raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
         else:
             max_tokens = body.int("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
             logprobs = body.int("logprobs", None)
@@ -280,6 +281,10 @@ class OpenAIServer:
             body.unsupported("echo", (False,), "echo is not implemented")
             body.unsupported("best_of", (1,), "only best_of=1")
             body.unsupported("suffix", ("",), "insertion is not implemented")
+            try:  # an extension here (vLLM has it too): JSON output for plain completions
+                grammar = response_format_grammar(body.get("response_format", (dict,), "an object"))
+            except GrammarRequestError as exc:
+                raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
         stop = body.get("stop", (str, list), "a string or an array of strings")
         body.str("user")
         return dict(
@@ -294,6 +299,7 @@ class OpenAIServer:
             downlink=body.str("downlink", defaults.DOWNLINK),
             logprobs=logprobs,
             n=n,
+            grammar=grammar,
         )
 
     @staticmethod
@@ -327,10 +333,14 @@ class OpenAIServer:
             raise ApiError(400, "'messages' is required", param="messages", code="missing_required_parameter")
         messages = body.get("messages", (list,), "an array")
         opts = self._options(body, chat=True)
-        return await self._generate(request, body, prompt=None, messages=messages, opts=opts, chat=True)
+        tools = body.data.get("tools") if body.data.get("tool_choice") != "none" else None
+        if tools:
+            messages = _with_tools_prompt(messages, tools)
+        return await self._generate(request, body, prompt=None, messages=messages, opts=opts, chat=True,
+                                    tools=bool(tools))
 
     async def _generate(self, request: web.Request, body: _Body, *, prompt: Any, messages: Any,
-                        opts: dict[str, Any], chat: bool) -> web.StreamResponse:
+                        opts: dict[str, Any], chat: bool, tools: bool = False) -> web.StreamResponse:
         stream_ = body.bool("stream", False)
         so = body.get("stream_options", (dict,), "an object", {})
         include_usage = so.get("include_usage", False)
@@ -360,7 +370,7 @@ class OpenAIServer:
                     first = await pieces.__anext__()
                 except StopAsyncIteration:
                     first = None
-                return await self._sse(request, s, pieces, first, rid, created, chat, include_usage)
+                return await self._sse(request, s, pieces, first, rid, created, chat, include_usage, tools)
             parts: dict[int, list[str]] = {}
             async for p in pieces:
                 parts.setdefault(p.index, []).append(p.text)
@@ -379,7 +389,12 @@ class OpenAIServer:
         for res in results:
             text = "".join(parts.get(res.index, []))
             lps = _logprobs_json(res.logprobs, chat)
-            if chat:
+            call = parse_tool_call(text) if tools else None
+            if call is not None:
+                choices.append({"index": res.index, "message": {"role": "assistant", "content": None,
+                                                                "tool_calls": [call]},
+                                "logprobs": lps, "finish_reason": "tool_calls"})
+            elif chat:
                 choices.append({"index": res.index, "message": {"role": "assistant", "content": text},
                                 "logprobs": lps, "finish_reason": _finish(res)})
             else:
@@ -396,7 +411,8 @@ class OpenAIServer:
         })
 
     async def _sse(self, request: web.Request, s: AsyncTokenStream, pieces: AsyncIterator[Piece],
-                   first: Piece | None, rid: str, created: int, chat: bool, include_usage: bool) -> web.StreamResponse:
+                   first: Piece | None, rid: str, created: int, chat: bool, include_usage: bool,
+                   tools: bool = False) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -418,7 +434,12 @@ class OpenAIServer:
         try:
             opened: set[int] = set()
 
+            held: dict[int, list[str]] = {}  # with tools: a choice's text, until it is known to be a call
+
             async def send_piece(piece: Piece) -> None:
+                if tools:
+                    held.setdefault(piece.index, []).append(piece.text)
+                    return
                 if chat and piece.index not in opened:
                     opened.add(piece.index)
                     await send(chunk({"role": "assistant", "content": ""}, None, piece.index))
@@ -440,7 +461,16 @@ class OpenAIServer:
             for res in results:
                 if chat and res.index not in opened:
                     await send(chunk({"role": "assistant", "content": ""}, None, res.index))
-                await send(chunk({} if chat else "", _finish(res), res.index, dssd=res.stats_dict()))
+                finish = _finish(res)
+                if tools:
+                    text = "".join(held.get(res.index, []))
+                    call = parse_tool_call(text)
+                    if call is not None:
+                        finish = "tool_calls"
+                        await send(chunk({"tool_calls": [{"index": 0, **call}]}, None, res.index))
+                    elif text:
+                        await send(chunk({"content": text}, None, res.index))
+                await send(chunk({} if chat else "", finish, res.index, dssd=res.stats_dict()))
             if include_usage:
                 await send({"id": rid, "object": obj, "created": created, "model": self.model_name,
                             "choices": [], "usage": _usage(results), "dssd": _dssd(results)})
@@ -457,6 +487,20 @@ class OpenAIServer:
                 pass
         await resp.write_eof()
         return resp
+
+
+def _with_tools_prompt(messages: Any, tools: Any) -> Any:
+    """The messages with the tools described in the system message: how the model learns
+    what it may call and how a call is written (the grammar then holds it to that form)."""
+    if not isinstance(messages, list):
+        return messages
+    listing = json.dumps([t.get("function", t) for t in tools if isinstance(t, dict)])
+    note = ("You can call these functions: " + listing + "\nTo call one, answer with only "
+            '{"name": <function name>, "arguments": <its arguments as JSON>}.')
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer") \
+            and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + note}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
 
 
 def _finish(res: Completion) -> str:

@@ -219,7 +219,8 @@ class RoundMachine:
         self._box = []
         self.verdict = None
         gamma, remaining = self.gamma, self.remaining
-        self.pipelining = self.config.pipeline and gamma >= 1 and remaining > gamma + 1
+        # (not under a grammar: a guess would have to advance it past the verdict)
+        self.pipelining = self.config.pipeline and self.config.grammar is None and gamma >= 1 and remaining > gamma + 1
         if not self.pipelining:
             return None
         # the bonus guess + the next round's drafts: when the guess is right the next round

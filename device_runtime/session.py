@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
 import logging
 import ssl
 import time
@@ -25,6 +26,7 @@ from device_runtime.rounds import AwaitAhead, DraftJob, RoundMachine, SendDraft,
 from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable
 from protocol import wire
 from protocol.checks import check_logprobs, check_tokens
+from protocol import constraints
 from protocol import logprobs as lp
 from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
@@ -79,6 +81,9 @@ class GenerationConfig:
     #: -1: none; k >= 0: the target's logprob of each token and its k best alternatives
     #: (protocol.logprobs; not in device-only mode, where there is no target)
     logprobs: int = lp.OFF
+    #: the output's grammar (JSON schema / Lark, protocol.constraints); None: free text.
+    #: Both sides mask their logits with it; drafting ahead is off for such requests.
+    grammar: constraints.GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -363,6 +368,15 @@ class DeviceClient:
         # adaptive gamma: one controller per (mode, sampling, max gamma, pipelining), kept
         # across requests, since acceptance and timings depend on these and not the prompt
         self._controllers: dict[tuple[Any, ...], GammaController] = {}
+        self._grammar_tokenizers: dict[tuple[int, ...], Any] = {}  # per EOS set, built on first use
+
+    def constraint(self, spec: constraints.GrammarSpec, eos_ids: Sequence[int]) -> constraints.Constraint:
+        """A fresh matcher of `spec` over the drafter's vocabulary (the edge builds the same)."""
+        key = tuple(eos_ids)
+        if key not in self._grammar_tokenizers:
+            self._grammar_tokenizers[key] = constraints.build_tokenizer(
+                self.drafter.vocab_tokens(), key, self.drafter.n_vocab)
+        return constraints.Constraint(self._grammar_tokenizers[key], spec, self.drafter.n_vocab)
 
     def gamma_controller(self, config: GenerationConfig, max_gamma: int) -> GammaController | None:
         """The learned controller for this kind of request (None for a fixed gamma)."""
@@ -404,6 +418,8 @@ class DeviceClient:
         stats = GenerationStats(mode=config.mode, prompt_tokens=len(prompt))
         rng = rng_for(config.seed, DEVICE_STREAM)
         out = _Output(self.drafter, config, self.drafter.eos_token_ids, on_tokens, t0)
+        if config.grammar is not None:
+            config.grammar.check()  # engine, version, kind: refused here before anything runs
         if config.mode == "device-only":
             self._alone(prompt, config, out, rng)
         else:
@@ -499,6 +515,11 @@ class DeviceClient:
         up0, down0 = link.bytes_up, link.bytes_down
         out.eos = set(link.welcome.eos_token_ids)  # the target decides where its output ends
         committed = prompt + out.ids
+        grammar = constraint = None
+        if config.grammar is not None:
+            grammar = dataclasses.replace(config.grammar, offset=len(prompt))
+            constraint = self.constraint(grammar, link.welcome.eos_token_ids)
+            constraint.advance(out.ids)
         await link.send(
             wire.Start(
                 mode=config.mode,
@@ -508,13 +529,14 @@ class DeviceClient:
                 prompt_ids=np.asarray(committed, np.int32),
                 downlink=config.downlink,
                 logprobs=config.logprobs,
+                grammar=None if grammar is None else grammar.as_json(),
             )
         )
         tail: list[int] = []
         if config.mode == "edge-only":
             await self._edge_only(link, out, config)
         else:
-            tail = await self._speculate(link, committed, config, out, stats, rng)
+            tail = await self._speculate(link, committed, config, out, stats, rng, constraint)
         # a last resampled id whose logprob the edge has not sent yet goes back in End
         tail = tail[-1:] if out.missing_logprobs else []
         await link.send(wire.End(len(prompt) + len(out.ids), tuple(tail)))
@@ -534,8 +556,11 @@ class DeviceClient:
     ) -> None:
         """Device-only decoding: the draft model alone (fast, draft quality)."""
         committed = list(prompt)
+        c = None if config.grammar is None else self.constraint(config.grammar, self.drafter.eos_token_ids)
         while True:
-            tok = self.drafter.next_token(committed, config.sampling, rng)
+            tok = self.drafter.next_token(committed, config.sampling, rng, c)
+            if c is not None:
+                c.advance([tok])
             committed.append(tok)
             if out.commit([tok]):
                 return
@@ -558,6 +583,7 @@ class DeviceClient:
         out: _Output,
         stats: GenerationStats,
         rng: np.random.Generator,
+        constraint: constraints.Constraint | None = None,
     ) -> list[int]:
         """dssd / dssd-paper / dsd rounds until EOS, length or a stop string: the I/O and
         the drafter around a `RoundMachine`, which decides everything else. Drafting (in
@@ -573,7 +599,8 @@ class DeviceClient:
         try:
             while True:
                 if isinstance(act, DraftJob):
-                    act = m.draft_ready(await loop.run_in_executor(None, self._draft, act, config, None))
+                    act = m.draft_ready(await loop.run_in_executor(None, self._draft, act, config, None,
+                                                                   constraint))
                 elif isinstance(act, SendDraft):
                     await link.send(act.frame, round=act.round)
                     job = m.sent()
@@ -587,9 +614,11 @@ class DeviceClient:
                 elif isinstance(act, SendMore):
                     await link.send(act.frame)
                     act = m.more_answer(await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s))
-                elif out.commit(act.ids, logprobs=act.logprobs):
-                    return m.prefix
-                else:
+                else:  # a Commit
+                    if constraint is not None:  # the grammar follows the committed ids
+                        constraint.advance(act.ids)
+                    if out.commit(act.ids, logprobs=act.logprobs):
+                        return m.prefix
                     act = m.next_round()
         finally:
             if background is not None:  # never leave the drafter busy on another thread
@@ -597,11 +626,12 @@ class DeviceClient:
                 await asyncio.wait([background])
 
     def _draft(self, job: DraftJob, config: GenerationConfig,
-               keep_going: Callable[[np.ndarray], bool] | None) -> Draft | tuple[Draft, float]:
+               keep_going: Callable[[np.ndarray], bool] | None,
+               constraint: constraints.Constraint | None = None) -> Draft | tuple[Draft, float]:
         """Run a `DraftJob` (on a worker thread); a pipelined one also returns its duration."""
         t0 = time.perf_counter()
         d = self.drafter.draft(job.base, job.n, config.sampling, job.rng, slot=job.slot,
-                               keep_going=keep_going, start=job.start)
+                               keep_going=keep_going, start=job.start, constraint=constraint)
         return (d, time.perf_counter() - t0) if job.ahead else d
 
 

@@ -29,6 +29,7 @@ from protocol.downlink import (
     choose_downlink,
     encode_rejection,
 )
+from protocol import constraints
 from protocol import logprobs as lp
 from protocol.modes import EDGE_MODES as MODES  # the modes this edge serves
 from protocol.sampling import (
@@ -114,6 +115,8 @@ class _Request:
     #: device resamples there (it arrives as the next Draft's prefix, or in End)
     lp_carry: np.ndarray | None = None
     prefill_tokens: int = 0  # prompt tokens the KV cache did not hold already (Done stats)
+    #: the output's grammar at the committed ids (protocol.constraints), None: free text
+    constraint: constraints.Constraint | None = None
 
 
 @dataclass
@@ -161,6 +164,7 @@ class EdgeSession:
         self._request: _Request | None = None
         self._greeted = False
         self._p_rows: np.ndarray | None = None  # preallocated (max_gamma + 1, V) buffer
+        self._grammar_tokenizer: Any = None  # built on the first constrained request
 
     # -- handshake ------------------------------------------------------------------
 
@@ -260,6 +264,7 @@ class EdgeSession:
                 f"context of {self.max_context}",
             )
         ids = prompt.astype(np.int64).tolist()
+        constraint = self._constraint(msg.grammar, ids) if msg.grammar is not None else None
         stats = RoundStats()
         t0 = time.perf_counter()
         n_prefilled = self._prefill(ids[:-1])
@@ -276,8 +281,46 @@ class EdgeSession:
             pending=ids[-1:],
             logprobs=msg.logprobs,
             prefill_tokens=n_prefilled,
+            constraint=constraint,
         )
         return []
+
+    def _constraint(self, grammar: dict[str, Any], ids: list[int]) -> constraints.Constraint:
+        """The request's grammar compiled for this model's vocabulary, advanced over the
+        output already generated (a resumed request); UNSUPPORTED when it cannot be."""
+        try:
+            spec = constraints.GrammarSpec.from_json(grammar)
+            spec.check()
+            if spec.offset > len(ids):
+                raise constraints.ConstraintError("grammar offset beyond the prompt")
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = constraints.build_tokenizer(
+                    self.model.vocab_tokens, self.model.eos_token_ids, self.model.n_vocab)
+            c = constraints.Constraint(self._grammar_tokenizer, spec, self.model.n_vocab)
+            c.advance(ids[spec.offset :])
+            return c
+        except constraints.ConstraintError as exc:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"grammar refused: {exc}") from None
+
+    @staticmethod
+    def constrain_round(prep: "PreparedRound") -> np.ndarray | None:
+        """The grammar masks of a round's gamma + 1 rows (bit-packed), None if free text.
+
+        Advances the grammar over the Draft's prefix (committed: the device's resample) and
+        refuses a draft token the grammar forbids (the device applies the same mask, so Q
+        gives such a token probability 0: it cannot have been sampled)."""
+        c = prep.request.constraint
+        if c is None:
+            return None
+        try:
+            c.advance(prep.prefix)
+        except constraints.ConstraintError as exc:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"invalid draft: {exc}") from None
+        words, ok = c.masks(prep.draft.tolist())
+        if ok < prep.draft.size:
+            raise ProtocolError(ErrorCode.UNSUPPORTED,
+                                f"invalid draft: token {int(prep.draft[ok])} at {ok} is not allowed by the grammar")
+        return words
 
     def _prefill(self, ids: list[int]) -> int:
         """Bring the KV cache to exactly `ids`, reusing the longest cached common prefix;
@@ -378,10 +421,14 @@ class EdgeSession:
         prefix, build the reply."""
         r, draft = prep.request, prep.draft
         logits = logits[logits.shape[0] - prep.n_rows :]
-        if r.logprobs != lp.OFF:
-            prep.logits = logits
         p_rows = None
         try:
+            words = self.constrain_round(prep)
+            if r.logprobs != lp.OFF:  # the raw rows: logprobs are the unmasked log-softmax
+                prep.logits = logits if words is None else logits.copy()
+            if words is not None:
+                assert r.constraint is not None
+                r.constraint.apply(logits, words)
             with verification_errors():
                 if r.sampling.greedy:
                     verdict = greedy_verify(greedy_tokens(logits), draft)
@@ -417,6 +464,8 @@ class EdgeSession:
         j = verdict.n_accepted
         self._keep(n_before + len(new) - gamma + j)
         r.committed.extend(draft[:j].tolist())
+        if r.constraint is not None:
+            r.constraint.advance(draft[:j].tolist() + ([] if verdict.kind is VerdictKind.RESAMPLE else [verdict.token]))
         r.rejected = None
         r.more_in_round = 0
         if verdict.kind is VerdictKind.RESAMPLE:
@@ -480,6 +529,11 @@ class EdgeSession:
         r = self._require_request()
         t0 = time.perf_counter()
         logits = self._forward(r, r.pending, keep=1)[0]
+        raw = logits
+        if r.constraint is not None:
+            words, _ = r.constraint.masks([])
+            raw = logits.copy() if r.logprobs != lp.OFF else logits
+            r.constraint.apply(logits, words[0])
         with verification_errors():
             if r.sampling.greedy:  # no one-hot row: nothing reads it
                 token = greedy_token(logits)
@@ -487,7 +541,9 @@ class EdgeSession:
                 token = draw(logits, r.sampling, r.rng, self._rows_buffer(1)[0])
         r.committed.append(token)
         r.pending = [token]
-        logprobs = None if r.logprobs == lp.OFF else lp.of_logits(logits, np.array([token]), r.logprobs)
+        if r.constraint is not None:
+            r.constraint.advance([token])
+        logprobs = None if r.logprobs == lp.OFF else lp.of_logits(raw, np.array([token]), r.logprobs)
         r.stats.record_round(0, 0, time.perf_counter() - t0)
         generated = len(r.committed) - r.n_prompt
         r.done = (

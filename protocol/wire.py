@@ -296,6 +296,8 @@ class Start:
     #: -1: no logprobs; k >= 0: the target's logprob of each emitted token and its k best
     #: alternatives travel with the verdicts (protocol.logprobs). Sent only when >= 0.
     logprobs: int = LOGPROBS_OFF
+    #: the output's grammar (protocol.constraints.GrammarSpec.as_json), or None: free text
+    grammar: dict[str, Any] | None = None
 
     def payload(self) -> bytes:
         fields = {
@@ -309,6 +311,8 @@ class Start:
         }
         if self.logprobs != LOGPROBS_OFF:
             fields["logprobs"] = self.logprobs
+        if self.grammar is not None:
+            fields["grammar"] = self.grammar
         head = _json_bytes(fields)
         ids = _ids(self.prompt_ids)
         return _START_HEAD.pack(len(head), ids.size) + head + ids.tobytes()
@@ -336,6 +340,7 @@ class Start:
             prompt_ids=ids,
             downlink=_get(o, "downlink", str, "full"),
             logprobs=_get(o, "logprobs", int, LOGPROBS_OFF),
+            grammar=_get(o, "grammar", dict, None),
         )
 
 
