@@ -7,6 +7,7 @@ adaptive --gamma auto and pipelining against every fixed gamma, per draft and li
 replay   the gamma controller replayed offline on real acceptance traces (seconds)
 hotpath  host work around the models: edge verification per batched round (torch vs numpy),
          device transform per token, device-only vs a bare eval loop, prefill peak RSS
+structured  JSON-schema output vs free text: acceptance, accepted length, tokens/s
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -166,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     hotpath_arguments(h)
 
+    st = sub.add_parser("structured", help="JSON-schema output vs free text: acceptance and tokens/s",
+                        description="Same prompts as free text and under a JSON schema (exact constrained "
+                                    "decoding on both sides), back to back (benchmarks/structured.py).")
+    from benchmarks.structured import add_arguments as structured_arguments
+
+    structured_arguments(st)
+
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
     _common(q, out="bench-results/quick", prompts=1, runs=2, tokens=16, gammas="2", edge="thread")
@@ -279,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import hotpath
 
         return hotpath.main(args)
+    if args.command == "structured":
+        from benchmarks import structured
+
+        return structured.main(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
