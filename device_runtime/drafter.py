@@ -145,7 +145,8 @@ class LlamaDrafter:
 
         `constraint` (a request's grammar at the committed ids): each position's logits are
         masked in place before the draw, so Q_i is the constrained draft's distribution,
-        as the edge masks P_i; the grammar is back at the committed ids on return.
+        as the edge masks P_i; the grammar is back at the committed ids on return. Under a
+        grammar the draft ends at EOS (it may then be shorter than gamma).
         """
         if gamma > self._q_rows.shape[1]:
             raise ValueError(f"gamma {gamma} exceeds the drafter's buffer of {self._q_rows.shape[1]}")
@@ -173,12 +174,14 @@ class LlamaDrafter:
                 n = i + 1
                 if constraint is not None:
                     constraint.push(tok)
+                    if constraint.stopped:  # EOS under a grammar: nothing may follow it
+                        break
                 if i + 1 < gamma:
                     self._eval([tok])
                     logits = self._last_logits()
         finally:
             if constraint is not None:
-                constraint.pop(n - start)
+                constraint.pop()
         return Draft(ids[:n], q_draft[:n], q_rows[:n])
 
     def next_token(

@@ -202,6 +202,7 @@ class RoundMachine:
                 self.control.observe_draft(draft_s, self.inline)
         c, d = self.config, self.draft
         assert d is not None
+        self.gamma = len(d.ids)  # a constrained draft ends early at EOS
         self.frame = wire.Draft(
             n_committed=len(self.committed),
             prefix_ids=np.asarray(self.prefix, np.int32),

@@ -42,6 +42,10 @@ ENGINE = "llguidance"
 ENGINE_VERSION = metadata.version("llguidance")
 #: Grammar kinds a Start may carry: a JSON schema (JSON text) or a Lark grammar.
 KINDS = ("json_schema", "lark")
+#: JSON is written compactly (no optional whitespace): the separators are then forced
+#: tokens, and a model cannot run on in blanks. Part of the contract (both sides compile
+#: with it).
+JSON_OPTIONS = {"whitespace_flexible": False}
 #: Largest grammar text accepted (a schema of a few hundred properties is far below).
 MAX_GRAMMAR_BYTES = 256 * 1024
 
@@ -179,7 +183,7 @@ def compile_grammar(spec: GrammarSpec) -> str:
     spec.check()
     try:
         if spec.kind == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.text)
+            return llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)
         return llguidance.LLMatcher.grammar_from_lark(spec.text)
     except (ValueError, TypeError) as exc:
         raise ConstraintError(f"the {spec.kind} grammar does not compile: {exc}") from None
@@ -203,6 +207,15 @@ class Constraint:
         if self._m.is_error():
             raise ConstraintError(f"the {spec.kind} grammar does not compile: {self._m.get_error()}")
         self._words = llg_numpy.get_bitmask_shape(1, n_vocab)[1]
+        self._eos = frozenset(int(t) for t in tokenizer.eos_tokens)
+        self._pushed = 0  # drafted tokens consumed since the last pop
+        self._draft_ended = False  # EOS drafted since the last pop
+        # after the grammar has ended (EOS consumed) only EOS may follow: such rows are
+        # never emitted (the output ends at the first EOS) but must be distributions
+        self._eos_only = np.zeros(self._words, np.int32)
+        for t in self._eos:
+            if t < n_vocab:
+                self._eos_only.view(np.uint32)[t >> 5] |= np.uint32(1 << (t & 31))
 
     def masks(self, ids: Sequence[int], out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """(len(ids) + 1, words) masks along `ids`, and how many of `ids` the grammar allows
@@ -211,26 +224,48 @@ class Constraint:
         if out is None:
             out = np.empty((n, self._words), np.int32)
         out[:n] = 0
-        ok = 0
+        ok = consumed = 0
+        ended = self._m.is_stopped()
         for i in range(n):
-            llg_numpy.fill_next_token_bitmask(self._m, out, i)
-            if i == n - 1 or not self._allowed(out[i], int(ids[i])) or not self._m.consume_token(int(ids[i])):
+            if ended:
+                out[i] = self._eos_only
+            else:
+                llg_numpy.fill_next_token_bitmask(self._m, out, i)
+            if i == n - 1 or not self._allowed(out[i], int(ids[i])):
                 break
             ok += 1
-        if ok:
-            self._m.rollback(ok)
+            if ended:
+                continue
+            if int(ids[i]) in self._eos:  # the end: not consumed, so the rollback stays simple
+                ended = True
+                continue
+            if not self._m.consume_token(int(ids[i])):
+                ok -= 1
+                break
+            consumed += 1
+        if consumed and not self._m.rollback(consumed):
+            raise ConstraintError(f"cannot roll the grammar back by {consumed} tokens")
         return out[:n], ok
 
     def next_mask(self, out: np.ndarray) -> None:
-        """The mask after the current state into a (words,) int32 row (device drafting)."""
-        llg_numpy.fill_next_token_bitmask(self._m, out[np.newaxis], 0)
+        """The mask after the current (drafted) state into a (words,) int32 row."""
+        if self.stopped:
+            out[:] = self._eos_only
+        else:
+            llg_numpy.fill_next_token_bitmask(self._m, out[np.newaxis], 0)
 
     def push(self, token: int) -> None:
         """Advance over a drafted token (undone by `pop`)."""
+        if self.stopped or int(token) in self._eos:
+            self._draft_ended = True
+            return
         if not self._m.consume_token(int(token)):
             raise ConstraintError(f"drafted token {token} is not allowed by the grammar: {self._m.get_error()}")
+        self._pushed += 1
 
-    def pop(self, n: int) -> None:
+    def pop(self) -> None:
+        """Undo every `push` since the last `pop`: back at the committed ids."""
+        n, self._pushed, self._draft_ended = self._pushed, 0, False
         if n and not self._m.rollback(n):
             raise ConstraintError(f"cannot roll the grammar back by {n} tokens")
 
@@ -244,12 +279,19 @@ class Constraint:
     def advance(self, ids: Sequence[int]) -> None:
         """Commit ids (raises ConstraintError on one the grammar forbids)."""
         for t in ids:
+            if self._m.is_stopped() and int(t) in self._eos:
+                continue  # the output already ended: EOS again (a bonus after EOS) changes nothing
             if not self._m.consume_token(int(t)):
                 raise ConstraintError(f"token {t} is not allowed by the grammar here: {self._m.get_error()}")
 
     @property
     def accepting(self) -> bool:
         return self._m.is_accepting()
+
+    @property
+    def stopped(self) -> bool:
+        """The output has ended (EOS committed, or drafted since the last `pop`)."""
+        return self._draft_ended or self._m.is_stopped()
 
     def apply(self, logits: np.ndarray, words: np.ndarray) -> None:
         """Disallowed ids of a (V,) or (n, V) logits array to -inf, in place."""

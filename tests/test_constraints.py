@@ -214,7 +214,7 @@ def test_constrained_sampled_first_tokens_follow_the_constrained_target(mode, do
 
 class Answer(pydantic.BaseModel):
     ok: bool
-    n: int
+    n: int = pydantic.Field(ge=0, le=99)
 
 
 @pytest.fixture(scope="module")
