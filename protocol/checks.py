@@ -114,7 +114,7 @@ def check_logprobs(lp: TokenLogprobs | None, *, n: int, k: int, n_vocab: int, wh
     values = np.concatenate([lp.logprob, lp.top_logprobs.reshape(-1)])
     if np.any(np.isnan(values)) or np.any(values > _LOGPROB_SLACK) or np.any(lp.logprob == -np.inf):
         raise _bad(f"{where}: logprobs outside [-inf, 0] (or an emitted token at -inf)")
-    if k:
+    if k and n:
         if lp.top_ids.min() < 0 or lp.top_ids.max() >= n_vocab:
             raise _bad(f"{where}: logprob alternatives outside the vocabulary of {n_vocab}")
         if np.any(np.diff(lp.top_logprobs, axis=1) > 0):

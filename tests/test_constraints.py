@@ -26,10 +26,11 @@ from device_runtime.drafter import LlamaDrafter
 from device_runtime.grammar import structured, tools_grammar
 from device_runtime.openai_server import OpenAIServerThread
 from device_runtime.session import DeviceClient, GenerationConfig
-from device_runtime.transport import EdgeError
+from edge_service.session import EdgeLimits, EdgeSession, ProtocolError
 from protocol import constraints as cs
 from protocol import wire
 from protocol.sampling import SamplingParams, probabilities
+from protocol.vocab import vocab_fingerprint
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
           "required": ["ok", "n"], "additionalProperties": False}
@@ -138,10 +139,22 @@ def test_unconstrained_and_constrained_differ_and_bad_grammars_are_refused(draft
         GenerationConfig(max_new_tokens=12, sampling=SamplingParams(0.0), gamma=3,
                          grammar=cs.json_schema_spec(SCHEMA, 0))])
     assert free.ids != json_out.ids and json_out.text.startswith("{")
-    with pytest.raises(EdgeError) as e:
+    with pytest.raises(cs.ConstraintError):  # the device compiles it first: refused before any frame
         _run(drafter, tiny_edge.url, prompt, [GenerationConfig(
-            max_new_tokens=4, grammar=cs.GrammarSpec("lark", "start: ", 0))])
-    assert e.value.code == wire.ErrorCode.UNSUPPORTED and "grammar" in e.value.reason
+            max_new_tokens=4, grammar=cs.GrammarSpec("lark", "start: undefined_rule", 0))])
+
+
+def test_the_edge_refuses_another_engine_version_or_a_broken_grammar(tiny_target) -> None:  # noqa: ANN001
+    session = EdgeSession(tiny_target, EdgeLimits(), 1)
+    session.hello(wire.Hello(wire.VERSION, vocab_fingerprint(tiny_target.vocab_tokens), tiny_target.n_vocab))
+    for grammar, why in ((dict(cs.json_schema_spec(SCHEMA, 0).as_json(), version="0.0.1"), "engine"),
+                         (cs.GrammarSpec("lark", "start: undefined_rule", 0).as_json(), "compile"),
+                         ({"kind": "lark"}, "grammar")):
+        with pytest.raises(ProtocolError, match=why) as e:
+            session.start(wire.Start("dssd", SamplingParams(0.0), 1, 4, np.array([5, 6], np.int32),
+                                     grammar=grammar))
+        assert e.value.code == wire.ErrorCode.UNSUPPORTED
+    session.close()
 
 
 # -- sampled: the constrained target's law --------------------------------------------------

@@ -210,10 +210,13 @@ def test_logprobs_stream_with_their_tokens_and_refusals(runtime, tiny_target) ->
 def test_openai_client_logprobs_chat_and_completions(client, runtime, tiny_target) -> None:  # noqa: ANN001
     msgs = [{"role": "user", "content": "Why is the sky blue?"}]
     chat_ids = runtime.tokenize(runtime.chat_prompt(msgs), add_bos=False)
+    fixed = {"gamma": 3}  # same seed, same sample (auto gamma follows timings: same law only)
     r = client.chat.completions.create(model="tiny-draft", messages=msgs, max_tokens=12, temperature=0.7,
-                                       seed=3, logprobs=True, top_logprobs=2)
+                                       seed=3, logprobs=True, top_logprobs=2, extra_body=fixed)
     content = r.choices[0].message.content
-    lib = runtime.generate(messages=msgs, max_tokens=12, temperature=0.7, seed=3, logprobs=2)
+    openai_defaults = {"top_k": 0, "top_p": 1.0}  # the server keeps OpenAI's, the library has its own
+    lib = runtime.generate(messages=msgs, max_tokens=12, temperature=0.7, seed=3, logprobs=2, gamma=3,
+                           **openai_defaults)
     assert content == lib.text
     got = r.choices[0].logprobs.content
     assert len(got) == len(lib.ids)
@@ -222,7 +225,8 @@ def test_openai_client_logprobs_chat_and_completions(client, runtime, tiny_targe
         assert item.logprob == pytest.approx(float(ref[i, tok]), abs=TOL)
         assert len(item.top_logprobs) == 2 and bytes(item.bytes) == runtime._drafters[0].detokenize([tok])
     chunks = list(client.chat.completions.create(model="tiny-draft", messages=msgs, max_tokens=12,
-                                                 temperature=0.7, seed=3, logprobs=True, stream=True))
+                                                 temperature=0.7, seed=3, logprobs=True, stream=True,
+                                                 extra_body=fixed))
     streamed = [c for ch in chunks for choice in ch.choices if choice.logprobs
                 for c in choice.logprobs.content]
     assert [c.logprob for c in streamed] == [c.logprob for c in got]
@@ -245,12 +249,12 @@ def test_openai_client_logprobs_chat_and_completions(client, runtime, tiny_targe
 
 def test_n_choices_are_independent_samples_sharing_the_prefill(client, runtime, tiny_target) -> None:  # noqa: ANN001
     prompt = runtime.tokenize(PROMPT, add_bos=False)
-    s = runtime.stream(prompt, max_tokens=20, temperature=1.0, seed=11, n=3, logprobs=0)
+    s = runtime.stream(prompt, max_tokens=20, temperature=1.0, seed=11, n=3, logprobs=0, gamma=3)
     pieces = list(s)
     res = s.results
     assert [r.index for r in res] == [0, 1, 2] and [r.seed for r in res] == [choice_seed(11, i) for i in range(3)]
     for r in res:  # each choice is the request with its own seed, alone
-        alone = runtime.generate(prompt, max_tokens=20, temperature=1.0, seed=r.seed)
+        alone = runtime.generate(prompt, max_tokens=20, temperature=1.0, seed=r.seed, gamma=3)
         assert alone.ids == r.ids and r.text == "".join(p.text for p in pieces if p.index == r.index)
         assert_matches(reference_logprobs(tiny_target, prompt, r.ids), r.ids,
                        [(e.logprob, []) for e in r.logprobs], 0)
@@ -260,12 +264,13 @@ def test_n_choices_are_independent_samples_sharing_the_prefill(client, runtime, 
     assert all(r.stats.edge["prefill_tokens"] == 0 for r in res[1:])
 
     out = client.completions.create(model="tiny-draft", prompt=PROMPT, max_tokens=8, temperature=1.0,
-                                    seed=5, n=3)
+                                    seed=5, n=3, extra_body={"gamma": 3})
     assert sorted(c.index for c in out.choices) == [0, 1, 2]
-    lib = runtime.generate(PROMPT, max_tokens=8, temperature=1.0, seed=5, n=3)
+    openai_defaults = {"top_k": 0, "top_p": 1.0}
+    lib = runtime.generate(PROMPT, max_tokens=8, temperature=1.0, seed=5, n=3, gamma=3, **openai_defaults)
     assert out.choices[0].text == lib.text
-    n_out = sum(len(runtime.generate(PROMPT, max_tokens=8, temperature=1.0, seed=choice_seed(5, i)).ids)
-                for i in range(3))
+    n_out = sum(len(runtime.generate(PROMPT, max_tokens=8, temperature=1.0, seed=choice_seed(5, i), gamma=3,
+                                     **openai_defaults).ids) for i in range(3))
     assert out.usage.prompt_tokens == lib.prompt_tokens
     assert out.usage.completion_tokens == n_out
     assert out.usage.total_tokens == out.usage.prompt_tokens + n_out
@@ -279,6 +284,6 @@ def test_n_choices_are_independent_samples_sharing_the_prefill(client, runtime, 
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
     assert set(texts) == {0, 1} and texts[0] == texts[1]  # greedy: both choices are the target's argmax path
     assert chunks[-1].usage.completion_tokens == 2 * len(runtime.generate(messages=msgs, max_tokens=6,
-                                                                         temperature=0).ids)
+                                                                         temperature=0, **openai_defaults).ids)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-draft", prompt=PROMPT, n=17)
