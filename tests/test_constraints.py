@@ -30,6 +30,7 @@ from edge_service.session import EdgeLimits, EdgeSession, ProtocolError
 from protocol import constraints as cs
 from protocol import wire
 from protocol.sampling import SamplingParams, probabilities
+from protocol.verification import VerdictKind
 from protocol.vocab import vocab_fingerprint
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
@@ -291,3 +292,23 @@ def test_structured_mapping() -> None:
     assert structured({"type": "json_object"}, None, None).grammar.kind == "json_schema"
     assert tools_grammar([WEATHER], "auto").kind == "lark"
     assert tools_grammar([WEATHER], "none") is None
+
+
+def test_the_numpy_edge_path_masks_and_refuses_drafts_outside_the_grammar(tiny_target, drafter) -> None:  # noqa: ANN001
+    spec = cs.json_schema_spec(SCHEMA, 0)
+    prompt = drafter.tokenize(PROMPT, add_bos=False)
+    want = reference_constrained_greedy(tiny_target, prompt, spec, 6)
+    session = EdgeSession(tiny_target, EdgeLimits(), 1)
+    session.hello(wire.Hello(wire.VERSION, vocab_fingerprint(tiny_target.vocab_tokens), tiny_target.n_vocab))
+    start = wire.Start("dssd", SamplingParams(0.0), 1, 16, np.array(prompt, np.int32),
+                       grammar=cs.json_schema_spec(SCHEMA, len(prompt)).as_json())  # the output follows the prompt
+    session.start(start)
+    v = session.verify(wire.Draft(len(prompt), np.zeros(0, np.int32), np.array(want[:2], np.int32)))
+    assert (v.kind, v.n_accepted, v.token) == (VerdictKind.BONUS, 2, want[2])
+    ref = target_constraint(tiny_target, spec)
+    ref.advance(want[:3])
+    words, _ = ref.masks([])
+    outside = int(np.flatnonzero(~cs.unpack(words[0], tiny_target.n_vocab))[0])
+    with pytest.raises(ProtocolError, match="not allowed by the grammar"):
+        session.verify(wire.Draft(len(prompt) + 3, np.zeros(0, np.int32), np.array([outside], np.int32)))
+    session.close()

@@ -19,11 +19,13 @@ from device_runtime import DeviceRuntime, RequestError
 from device_runtime.drafter import LlamaDrafter
 from device_runtime.openai_server import OpenAIServerThread
 from device_runtime.session import DeviceClient, GenerationConfig
+from edge_service.session import EdgeLimits, EdgeSession
 from protocol import logprobs as lp
 from protocol import wire
 from protocol.checks import check_logprobs
 from protocol.sampling import SamplingParams, choice_seed, resume_seed
 from protocol.verification import VerdictKind
+from protocol.vocab import vocab_fingerprint
 from tests.test_end_to_end import reference_greedy
 
 PROMPT = "The cat sat on the"
@@ -287,3 +289,30 @@ def test_n_choices_are_independent_samples_sharing_the_prefill(client, runtime, 
                                                                          temperature=0, **openai_defaults).ids)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-draft", prompt=PROMPT, n=17)
+
+
+def test_the_numpy_edge_path_reports_the_same_logprobs(tiny_target, drafter) -> None:  # noqa: ANN001
+    """`EdgeSession.verify` (the unbatched path) as the server's batched one: every token of a
+    round, the resampled one one frame later, and the last one in Done."""
+    session = EdgeSession(tiny_target, EdgeLimits(), 1)
+    session.hello(wire.Hello(wire.VERSION, vocab_fingerprint(tiny_target.vocab_tokens), tiny_target.n_vocab))
+    prompt = drafter.tokenize(PROMPT, add_bos=False)
+    want = reference_greedy(tiny_target, prompt, 6)
+    session.start(wire.Start("dssd", SamplingParams(0.0), 1, 8, np.array(prompt, np.int32), logprobs=K))
+    v = session.verify(wire.Draft(len(prompt), np.zeros(0, np.int32), np.array(want[:3], np.int32)))
+    assert v.kind is VerdictKind.BONUS and v.token == want[3] and v.logprobs.n == 4
+    ref = reference_logprobs(tiny_target, prompt, want[:4])
+    assert_matches(ref, want[:4], v.logprobs.entries(), K)
+    session.end(wire.End(len(prompt) + 4))
+    # sampled: a rejection's resampled token gets its logprob with the next verdict / in Done
+    session.start(wire.Start("dssd", SamplingParams(1.0), 5, 8, np.array(prompt, np.int32), downlink="full",
+                             logprobs=K))
+    bad = int(np.argmin(reference_logprobs(tiny_target, prompt, want[:1])[0]))  # the least likely first id
+    v = session.verify(wire.Draft(len(prompt), np.zeros(0, np.int32), np.array([bad], np.int32),
+                                  q_draft=np.ones(1, np.float32)))
+    assert v.kind is VerdictKind.RESAMPLE and v.n_accepted == 0 and v.logprobs.n == 0
+    resampled = int(np.argmax(v.p_full))
+    done = session.end(wire.End(len(prompt) + 1, (resampled,)))
+    tail = lp.from_json(done.stats["logprobs"], K)
+    assert_matches(reference_logprobs(tiny_target, prompt, [resampled]), [resampled], tail.entries(), K)
+    session.close()
