@@ -496,8 +496,14 @@ class DeviceClient:
                 stats.fallback_events += 1
                 log.warning("edge unreachable (%s); generating UNVERIFIED for %.2f s (--fallback)", exc, backoff)
                 deadline = time.perf_counter() + backoff
+                fb = None  # the grammar holds for draft-alone tokens too (the edge resumes on them)
+                if config.grammar is not None:
+                    fb = self.constraint(config.grammar, sorted(out.eos))
+                    fb.advance(out.ids)
                 while not out.finish_reason and time.perf_counter() < deadline:
-                    tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng)
+                    tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng, fb)
+                    if fb is not None:
+                        fb.advance([tok])
                     out.commit([tok], verified=False)
                 backoff = min(backoff * 2, config.max_backoff_s)
 

@@ -197,7 +197,7 @@ def test_constrained_sampled_first_tokens_follow_the_constrained_target(mode, do
     params = SamplingParams(1.0)
     prompt = drafter.tokenize(PROMPT, add_bos=False)
     law = _exact_first_two(tiny_target, prompt, LETTERS, params)
-    n = 2000
+    n = 1500
     configs = [GenerationConfig(mode=mode, max_new_tokens=2, sampling=params, gamma=3, seed=seed,
                                 downlink=downlink, grammar=LETTERS) for seed in range(n)]
     counts: dict[tuple[int, int], int] = {}
