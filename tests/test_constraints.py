@@ -179,10 +179,8 @@ def _exact_first_two(target, prompt: list[int], spec: cs.GrammarSpec, params: Sa
         seq.rollback(len(prompt))
         row = seq.forward([int(a)])[-1]
         if masked:
-            c.advance([int(a)])
-            words, _ = c.masks([])
-            c.apply(row, words[0])
-            c.pop(1)
+            words, _ = c.masks([int(a)])  # row 1: the mask after a
+            c.apply(row, words[1])
         p2 = probabilities(row, params).astype(np.float64)
         for b in np.flatnonzero(p2):
             law[(int(a), int(b))] = p1[a] * p2[b]
