@@ -189,13 +189,12 @@ def _exact_first_two(target, prompt: list[int], spec: cs.GrammarSpec, params: Sa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "downlink"), [("dssd", "auto"), ("dsd", "auto")])
-def test_constrained_sampled_first_tokens_follow_the_constrained_target(mode, downlink, drafter, tiny_target,  # noqa: ANN001
+@pytest.mark.parametrize(("mode", "downlink", "n"), [("dssd", "auto", 1500), ("dsd", "auto", 800)])
+def test_constrained_sampled_first_tokens_follow_the_constrained_target(mode, downlink, n, drafter, tiny_target,  # noqa: ANN001
                                                                        tiny_edge) -> None:
     params = SamplingParams(1.0)
     prompt = drafter.tokenize(PROMPT, add_bos=False)
     law = _exact_first_two(tiny_target, prompt, LETTERS, params)
-    n = 1500
     configs = [GenerationConfig(mode=mode, max_new_tokens=2, sampling=params, gamma=3, seed=seed,
                                 downlink=downlink, grammar=LETTERS) for seed in range(n)]
     counts: dict[tuple[int, int], int] = {}
