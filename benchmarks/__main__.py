@@ -11,6 +11,7 @@ kv       batched verify of 16 sessions x 1,000 tokens: KV slots vs the old cache
 capacity N replay devices against one edge: dssd vs batched edge-only, N* at an SLO
 gpu      the edge on a CUDA device: greedy equality, forward time by batch size, capacity
 prefill  p99 round latency of 8 sessions while a 2,000-token prompt arrives, chunked vs not
+structured  JSON-schema output vs free text: acceptance, accepted length, tokens/s
 quick    the harness end to end on tiny random models in seconds (CI smoke test)
 
 Results go to --out: runs.csv (one row per generation), summary.csv / summary.md (medians
@@ -194,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.prefill_hol import add_arguments as prefill_arguments
 
     prefill_arguments(pf)
+    st = sub.add_parser("structured", help="JSON-schema output vs free text: acceptance and tokens/s",
+                        description="Same prompts as free text and under a JSON schema (exact constrained "
+                                    "decoding on both sides), back to back (benchmarks/structured.py).")
+    from benchmarks.structured import add_arguments as structured_arguments
+
+    structured_arguments(st)
 
     q = sub.add_parser("quick", help="the harness end to end on tiny models (seconds)",
                        description="Smoke test: tiny random models, an in-process edge, two links.")
@@ -325,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import prefill_hol
 
         return prefill_hol.main(args)
+    if args.command == "structured":
+        from benchmarks import structured
+
+        return structured.main(args)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:

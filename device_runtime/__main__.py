@@ -146,7 +146,7 @@ async def _run(args: argparse.Namespace) -> int:
                           session_key=args.session_key, failover=FailoverPolicy(attempts=args.reconnect_attempts))
     in_unverified = False
 
-    def show(ids: list[int], text: str, verified: bool) -> None:
+    def show(ids: list[int], text: str, verified: bool, logprobs: object = None) -> None:
         nonlocal in_unverified
         if args.json:
             return

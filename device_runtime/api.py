@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import queue
 import secrets
 import ssl
@@ -36,8 +37,10 @@ from device_runtime.transport import parse_edge_urls
 from dssd_common.loop_thread import LoopThread
 from protocol.affinity import check_key, new_key
 from protocol.downlink import DOWNLINKS
+from protocol.constraints import ConstraintError, GrammarSpec
+from protocol.logprobs import MAX_TOP_LOGPROBS, OFF as LOGPROBS_OFF
 from protocol.modes import MODES
-from protocol.sampling import SamplingParams
+from protocol.sampling import SamplingParams, choice_seed
 from protocol.wire import MAX_SEED
 
 try:  # a dropped connection surfaces from websockets' send() as ConnectionClosed
@@ -49,6 +52,7 @@ __all__ = [
     "DeviceRuntime",
     "Completion",
     "Piece",
+    "TokenLogprob",
     "TokenStream",
     "AsyncTokenStream",
     "RequestError",
@@ -93,12 +97,27 @@ class EdgeUnavailable(ConnectionError):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of one emitted token (raw log-softmax of its logits,
+    before temperature / top-k / top-p; see protocol.logprobs), with the top alternatives
+    asked for, as (id, token bytes, logprob), best first."""
+
+    id: int
+    token: bytes
+    logprob: float
+    top: list[tuple[int, bytes, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Piece:
     """Tokens committed in one step and the text they add (may be "" mid-character)."""
 
     text: str
     ids: list[int]
     verified: bool = True  # False: produced by the draft alone while the edge was lost
+    #: with `logprobs=`: one entry per id (None where the target's is unknown: fallback)
+    logprobs: list[TokenLogprob | None] | None = None
+    index: int = 0  # the choice (0..n-1) these tokens belong to
 
 
 @dataclass
@@ -117,6 +136,9 @@ class Completion:
     target_model: str = ""  # the edge's model name ("" in device-only mode)
     #: per token: verified by the target (False only for fallback tokens; see `fallback`)
     verified: list[bool] = field(default_factory=list)
+    #: with `logprobs=`: the target's logprob of each token (None where unknown)
+    logprobs: list[TokenLogprob | None] | None = None
+    index: int = 0  # the choice (0..n-1); a request with n > 1 has one Completion per choice
 
     @property
     def exact(self) -> bool:
@@ -161,6 +183,9 @@ class _Spec:
     mode: str
     gamma: int | None  # None: adaptive
     downlink: str
+    logprobs: int = LOGPROBS_OFF
+    n: int = 1
+    grammar: GrammarSpec | None = None
     t_submit: float = field(default_factory=time.perf_counter)
 
 
@@ -190,6 +215,9 @@ def normalize_messages(messages: object) -> list[dict[str, str]]:
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
         content = m.get("content")
+        calls = m.get("tool_calls")
+        if role == "assistant" and not content and isinstance(calls, list) and calls:
+            content = _calls_text(calls, where)  # the model's own call, as it wrote it
         if content is None:
             content = ""
         if isinstance(content, list):
@@ -209,9 +237,24 @@ def normalize_messages(messages: object) -> list[dict[str, str]]:
     return out
 
 
+def _calls_text(calls: list, where: str) -> str:
+    """An assistant message's tool calls as the JSON text a constrained call is written in
+    (device_runtime.grammar): {"name": ..., "arguments": {...}}, one per line."""
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        try:
+            out.append(json.dumps({"name": fn["name"], "arguments": json.loads(fn.get("arguments") or "{}")}))
+        except (TypeError, KeyError, ValueError):
+            raise RequestError(f"{where}.tool_calls: each needs a function name and JSON arguments",
+                               param=f"{where}.tool_calls") from None
+    return "\n".join(out)
+
+
 def _check_options(
     *, max_tokens: object, temperature: object, top_k: object, top_p: object, seed: object,
     stop: object, mode: object, gamma: object, downlink: object, max_gamma: int,
+    logprobs: object = None, n: object = 1,
 ) -> tuple[SamplingParams, int, tuple[str, ...]]:
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise RequestError("max_tokens must be an integer >= 1", param="max_tokens")
@@ -239,8 +282,20 @@ def _check_options(
         raise RequestError(f"gamma must be 'auto' or an integer in [0, {max_gamma}]", param="gamma")
     if not isinstance(downlink, str) or downlink not in DOWNLINKS:
         raise RequestError(f"downlink must be one of {', '.join(DOWNLINKS)}", param="downlink")
+    if logprobs is not None:
+        if not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"logprobs must be None or the alternatives per token, 0..{MAX_TOP_LOGPROBS}",
+                               param="logprobs")
+        if mode == "device-only":
+            raise RequestError("logprobs are the target's, and device-only mode has no target", param="logprobs")
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise RequestError(f"n must be an integer in [1, {MAX_CHOICES}]", param="n")
     sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
     return sampling, int(seed), tuple(stop)
+
+
+#: Most choices per request (`n`): they run one after another in one slot.
+MAX_CHOICES = 16
 
 
 # -- the runtime -----------------------------------------------------------------------
@@ -446,7 +501,7 @@ class DeviceRuntime:
     def _spec(
         self, prompt: Any, messages: Any, *, add_bos: bool, max_tokens: object, temperature: object,
         top_k: object, top_p: object, seed: object, stop: object, mode: object, gamma: object,
-        downlink: object,
+        downlink: object, logprobs: object = None, n: object = 1, grammar: GrammarSpec | None = None,
     ) -> _Spec:
         if (prompt is None) == (messages is None):
             raise RequestError("pass exactly one of prompt and messages", param="prompt")
@@ -463,12 +518,19 @@ class DeviceRuntime:
         sampling, seed_, stop_ = _check_options(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             stop=stop, mode=mode, gamma=gamma, downlink=downlink, max_gamma=self.max_gamma,
+            logprobs=logprobs, n=n,
         )
+        if grammar is not None:
+            try:
+                grammar.check()
+            except ConstraintError as exc:
+                raise RequestError(str(exc), param="grammar") from None
         if mode != "device-only" and not self.edge_url:
             raise RequestError(f"mode {mode!r} needs an edge and this runtime has none; use device-only",
                                param="mode")
-        return _Spec(prompt, msgs, bool(add_bos), max_tokens, sampling, seed_, stop_, mode,
-                     defaults.parse_gamma(gamma), downlink)  # type: ignore[arg-type]
+        return _Spec(prompt, msgs, bool(add_bos), max_tokens, sampling, seed_, stop_, mode,  # type: ignore[arg-type]
+                     defaults.parse_gamma(gamma), downlink,  # type: ignore[arg-type]
+                     LOGPROBS_OFF if logprobs is None else int(logprobs), int(n), grammar)  # type: ignore[arg-type]
 
     def _submit(self, spec: _Spec, sink: Sink) -> concurrent.futures.Future:
         with self._lock:
@@ -537,42 +599,18 @@ class DeviceRuntime:
                     max_new = self._fit(len(prompt_ids), spec.max_tokens, min(self.n_ctx, w.max_context),
                                         w.max_new_tokens, "edge's" if w.max_context < self.n_ctx else
                                         "draft model's", param)
-                config = GenerationConfig(mode=spec.mode, max_new_tokens=max_new, sampling=spec.sampling,
-                                          gamma=spec.gamma, seed=spec.seed, stop=spec.stop,
-                                          downlink=spec.downlink, fallback=self.fallback)
                 sink(("started", {"prompt_tokens": len(prompt_ids), "max_tokens": max_new,
                                   "queue_s": queue_s}))
-                emitted = False
-
-                def on_tokens(ids: list[int], text: str, verified: bool) -> None:
-                    nonlocal emitted
-                    emitted = True
-                    sink(("piece", Piece(text, [int(t) for t in ids], verified)))
-
-                for attempt in (0, 1):
-                    try:
-                        result = await slot.client.generate(prompt_ids, config, on_tokens)
-                        break
-                    except BaseException as exc:
-                        # the edge session is mid-request (or dead): never reuse it
-                        await slot.reset()
-                        stale = isinstance(exc, (ConnectionError, _WsClosed)) and not isinstance(exc, EdgeUnavailable)
-                        if emitted or attempt or not stale or spec.mode == "device-only":
-                            if stale:
-                                raise EdgeUnavailable(f"lost the edge connection: {exc}") from None
-                            raise
-                        # a connection that died while idle: retry once on a fresh one
-                r = result.stats.rounds
-                self._count(requests_ok=1, prompt_tokens=len(prompt_ids), generation_tokens=len(result.ids),
-                            spec_decode_num_drafts=r.rounds, spec_decode_num_draft_tokens=r.draft_tokens,
-                            spec_decode_num_accepted_tokens=r.accepted_tokens,
-                            bytes_up=result.stats.bytes_up, bytes_down=result.stats.bytes_down)
-                sink(("done", Completion(
-                    text=result.text, ids=list(result.ids), finish_reason=result.finish_reason,
-                    prompt_tokens=len(prompt_ids), stats=result.stats, seed=spec.seed,
-                    gamma=spec.gamma, mode=spec.mode, queue_s=queue_s, target_model=target,
-                    verified=list(result.verified),
-                )))
+                # n choices one after another in this slot: the drafter's KV cache and the edge
+                # session's keep the prompt, so only the first choice pays for its prefill
+                done = []
+                for index in range(spec.n):
+                    config = GenerationConfig(mode=spec.mode, max_new_tokens=max_new, sampling=spec.sampling,
+                                              gamma=spec.gamma, seed=choice_seed(spec.seed, index),
+                                              stop=spec.stop, downlink=spec.downlink, fallback=self.fallback,
+                                              logprobs=spec.logprobs, grammar=spec.grammar)
+                    done.append(await self._choice(slot, spec, config, prompt_ids, index, queue_s, target, sink))
+                sink(("done", done))
             finally:
                 with self._lock:
                     self._running -= 1
@@ -585,6 +623,52 @@ class DeviceRuntime:
             self._count(requests_failed=1)
             sink(("error", exc))
 
+    async def _choice(self, slot: _Slot, spec: _Spec, config: GenerationConfig, prompt_ids: list[int],
+                      index: int, queue_s: float, target: str, sink: Sink) -> Completion:
+        """One choice of a request on its slot: generate, stream its pieces, count it."""
+        emitted = False
+        detok = slot.drafter.detokenize
+
+        def entry(tok: int, e: Any) -> TokenLogprob | None:
+            if e is None:
+                return None
+            lp, top = e
+            return TokenLogprob(tok, detok([tok]), lp, [(i, detok([i]), v) for i, v in top])
+
+        def on_tokens(ids: list[int], text: str, verified: bool, lps: list | None) -> None:
+            nonlocal emitted
+            emitted = True
+            ids = [int(t) for t in ids]
+            sink(("piece", Piece(text, ids, verified, None if lps is None else
+                                 [entry(t, e) for t, e in zip(ids, lps)], index)))
+
+        for attempt in (0, 1):
+            try:
+                result = await slot.client.generate(prompt_ids, config, on_tokens)
+                break
+            except BaseException as exc:
+                # the edge session is mid-request (or dead): never reuse it
+                await slot.reset()
+                stale = isinstance(exc, (ConnectionError, _WsClosed)) and not isinstance(exc, EdgeUnavailable)
+                if emitted or attempt or not stale or spec.mode == "device-only":
+                    if stale:
+                        raise EdgeUnavailable(f"lost the edge connection: {exc}") from None
+                    raise
+                # a connection that died while idle: retry once on a fresh one
+        r = result.stats.rounds
+        self._count(requests_ok=int(index == 0), prompt_tokens=len(prompt_ids) if index == 0 else 0,
+                    generation_tokens=len(result.ids),
+                    spec_decode_num_drafts=r.rounds, spec_decode_num_draft_tokens=r.draft_tokens,
+                    spec_decode_num_accepted_tokens=r.accepted_tokens,
+                    bytes_up=result.stats.bytes_up, bytes_down=result.stats.bytes_down)
+        lps = None if result.logprobs is None else [entry(t, e) for t, e in zip(result.ids, result.logprobs)]
+        return Completion(
+            text=result.text, ids=list(result.ids), finish_reason=result.finish_reason,
+            prompt_tokens=len(prompt_ids), stats=result.stats, seed=config.seed,
+            gamma=spec.gamma, mode=spec.mode, queue_s=queue_s, target_model=target,
+            verified=list(result.verified), logprobs=lps, index=index,
+        )
+
     # -- public generation API ----------------------------------------------------------
 
     def stream(
@@ -593,15 +677,20 @@ class DeviceRuntime:
         top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
         seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = defaults.MODE,
         gamma: int | str | None = "auto", downlink: str = defaults.DOWNLINK, add_bos: bool = True,
+        logprobs: int | None = None, n: int = 1, grammar: GrammarSpec | None = None,
     ) -> "TokenStream":
         """Start a generation; iterate the result for `Piece`s as tokens are committed.
 
-        After iteration, `.result` holds the `Completion`. Leaving the loop early (or
-        `.cancel()`) stops the generation.
+        After iteration, `.result` holds the `Completion` (`.results`: one per choice, for
+        n > 1; each `Piece.index` says its choice). `logprobs=k` (0..20) attaches the
+        target's logprob of each token and its k best alternatives to pieces and results.
+        `grammar=` (a `protocol.constraints.GrammarSpec`, e.g. `json_schema_spec(schema, 0)`)
+        constrains the output exactly (both sides mask with it).
+        Leaving the loop early (or `.cancel()`) stops the generation.
         """
         spec = self._spec(prompt, messages, add_bos=add_bos, max_tokens=max_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, mode=mode, gamma=gamma,
-                          downlink=downlink)
+                          downlink=downlink, logprobs=logprobs, n=n, grammar=grammar)
         q: queue.Queue = queue.Queue()
         return TokenStream(self._submit(spec, q.put), q, self._engine.thread)
 
@@ -619,11 +708,12 @@ class DeviceRuntime:
         top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
         seed: int | None = None, stop: str | Sequence[str] | None = None, mode: str = defaults.MODE,
         gamma: int | str | None = "auto", downlink: str = defaults.DOWNLINK, add_bos: bool = True,
+        logprobs: int | None = None, n: int = 1, grammar: GrammarSpec | None = None,
     ) -> "AsyncTokenStream":
         """Async `stream`: `async for piece in rt.astream(...)`. Call from a running loop."""
         spec = self._spec(prompt, messages, add_bos=add_bos, max_tokens=max_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop=stop, mode=mode, gamma=gamma,
-                          downlink=downlink)
+                          downlink=downlink, logprobs=logprobs, n=n, grammar=grammar)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -654,6 +744,7 @@ class _StreamEvents:
     def __init__(self, fut: concurrent.futures.Future) -> None:
         self._fut = fut
         self.result: Completion | None = None
+        self.results: list[Completion] = []  # one per choice (n)
         self.info: dict[str, Any] | None = None
         self._finished = False
 
@@ -665,7 +756,8 @@ class _StreamEvents:
         elif kind == "piece":
             return payload
         elif kind == "done":
-            self.result, self._finished = payload, True
+            self.results, self._finished = payload, True
+            self.result = payload[0]
         else:
             self._finished = True
             raise payload

@@ -22,6 +22,7 @@ from protocol.vocab import Vocabulary
 
 if TYPE_CHECKING:
     from device_runtime.llama_adapter import LlamaModel
+    from protocol.constraints import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class LlamaDrafter:
         self._q_rows = np.zeros((2, max_gamma + 2, self.n_vocab), np.float32)
         self._ids = np.empty((2, max_gamma + 2), np.int32)
         self._q_draft = np.empty((2, max_gamma + 2), np.float32)
+        self._mask = np.empty((self.n_vocab + 31) // 32, np.int32)  # a grammar's bit-packed mask
 
     # -- vocabulary -----------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class LlamaDrafter:
         slot: int = 0,
         keep_going: Callable[[np.ndarray], bool] | None = None,
         start: int = 0,
+        constraint: "Constraint | None" = None,
     ) -> Draft:
         """Sample up to gamma tokens after `committed`, keeping each exact Q_i.
 
@@ -145,6 +148,11 @@ class LlamaDrafter:
         `start` > 0 extends the draft already in `slot` (its first `start` tokens, drafted
         after `committed`) to `gamma` tokens, in place: a draft made ahead that the next
         round wants longer costs only the extra tokens, and no Q row is copied.
+
+        `constraint` (a request's grammar at the committed ids): each position's logits are
+        masked in place before the draw, so Q_i is the constrained draft's distribution,
+        as the edge masks P_i; the grammar is back at the committed ids on return. Under a
+        grammar the draft ends at EOS (it may then be shorter than gamma).
         """
         if gamma > self._q_rows.shape[1]:
             raise ValueError(f"gamma {gamma} exceeds the drafter's buffer of {self._q_rows.shape[1]}")
@@ -154,27 +162,41 @@ class LlamaDrafter:
             raise ValueError(f"start {start} must be in 0..gamma-1 (gamma {gamma})")
         ids, q_draft, q_rows = self._ids[slot], self._q_draft[slot], self._q_rows[slot]
         n_tokens = self.n_tokens  # padding ids (protocol.vocab) are never drawn: Q = 0 there
+        if start and constraint is not None:
+            raise ValueError("a constrained draft cannot extend a draft made ahead")
         logits = self._logits_after([*committed, *ids[:start].tolist()] if start else committed)
         n = start
-        for i in range(start, gamma):
-            if i > start and keep_going is not None and not keep_going(ids[:i]):
-                break
-            # Q_i is kept whole (the residual resample reads it); the draw itself runs over
-            # the top-k survivors only. Greedy still writes its one-hot row: DSD uploads it.
-            tok = draw(logits[:n_tokens], params, rng, q_rows[i, :n_tokens])
-            ids[i] = tok
-            q_draft[i] = q_rows[i, tok]
-            n = i + 1
-            if i + 1 < gamma:
-                self._eval([tok])
-                logits = self._last_logits()
+        try:
+            for i in range(start, gamma):
+                if i > start and keep_going is not None and not keep_going(ids[:i]):
+                    break
+                if constraint is not None:
+                    constraint.next_mask(self._mask)
+                    constraint.apply(logits, self._mask)
+                # Q_i is kept whole (the residual resample reads it); the draw itself runs over
+                # the top-k survivors only. Greedy still writes its one-hot row: DSD uploads it.
+                tok = draw(logits[:n_tokens], params, rng, q_rows[i, :n_tokens])
+                ids[i] = tok
+                q_draft[i] = q_rows[i, tok]
+                n = i + 1
+                if constraint is not None:
+                    constraint.push(tok)
+                    if constraint.stopped:  # EOS under a grammar: nothing may follow it
+                        break
+                if i + 1 < gamma:
+                    self._eval([tok])
+                    logits = self._last_logits()
+        finally:
+            if constraint is not None:
+                constraint.pop()
         return Draft(ids[:n], q_draft[:n], q_rows[:n])
 
     def next_token(
-        self, committed: Sequence[int], params: SamplingParams, rng: np.random.Generator
+        self, committed: Sequence[int], params: SamplingParams, rng: np.random.Generator,
+        constraint: "Constraint | None" = None,
     ) -> int:
         """Device-only decoding: one token from the draft model alone."""
-        return int(self.draft(committed, 1, params, rng).ids[0])
+        return int(self.draft(committed, 1, params, rng, constraint=constraint).ids[0])
 
     def close(self) -> None:
         self._model.close()

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from device_runtime import defaults
 from device_runtime.api import (
+    MAX_CHOICES,
     AsyncTokenStream,
     Completion,
     DeviceRuntime,
@@ -26,9 +27,12 @@ from device_runtime.api import (
     Piece,
     RequestError,
     RuntimeBusy,
+    TokenLogprob,
 )
+from device_runtime.grammar import GrammarRequestError, parse_tool_call, response_format_grammar, structured
 from device_runtime.transport import EdgeError
 from dssd_common.loop_thread import ServerThread
+from protocol.logprobs import MAX_TOP_LOGPROBS
 from protocol.wire import ErrorCode, WireError
 
 log = logging.getLogger(__name__)
@@ -240,31 +244,47 @@ class OpenAIServer:
     def _options(self, body: _Body, *, chat: bool) -> dict[str, Any]:
         """Sampling and DSSD options shared by both endpoints, as DeviceRuntime keywords."""
         n = body.int("n", 1)
-        if n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if not 1 <= n <= MAX_CHOICES:
+            raise ApiError(400, f"n must be in [1, {MAX_CHOICES}]", param="n", code="invalid_value")
         for key in ("presence_penalty", "frequency_penalty"):
             if body.number(key, 0) != 0:
                 raise ApiError(400, f"'{key}' is not supported (it would change the target's distribution)",
                                param=key, code="unsupported_parameter")
         if body.get("logit_bias", (dict,), "an object", {}):
             raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
+        logprobs = None
+        grammar = None
         if chat:
             max_tokens = body.int("max_completion_tokens", None)
             if max_tokens is None:
                 max_tokens = body.int("max_tokens", None)
-            body.unsupported("logprobs", (False,), "no log-probabilities are returned")
-            if body.get("tools", (list,), "an array", []):
-                raise ApiError(400, "'tools' is not supported", param="tools", code="unsupported_parameter")
-            rf = body.get("response_format", (dict,), "an object", {"type": "text"})
-            if rf.get("type", "text") != "text":
-                raise ApiError(400, "only response_format type 'text' is supported", param="response_format",
-                               code="unsupported_parameter")
+            top = body.int("top_logprobs", None)
+            if body.bool("logprobs", False):
+                logprobs = 0 if top is None else top
+            elif top is not None:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs",
+                               code="invalid_value")
+            if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs",
+                               code="invalid_value")
+            try:
+                grammar = structured(body.get("response_format", (dict,), "an object"),
+                                     body.get("tools", (list,), "an array"), body.data.get("tool_choice")).grammar
+            except GrammarRequestError as exc:
+                raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
         else:
             max_tokens = body.int("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
-            body.unsupported("logprobs", (0,), "no log-probabilities are returned")
+            logprobs = body.int("logprobs", None)
+            if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs",
+                               code="invalid_value")
             body.unsupported("echo", (False,), "echo is not implemented")
             body.unsupported("best_of", (1,), "only best_of=1")
             body.unsupported("suffix", ("",), "insertion is not implemented")
+            try:  # an extension here (vLLM has it too): JSON output for plain completions
+                grammar = response_format_grammar(body.get("response_format", (dict,), "an object"))
+            except GrammarRequestError as exc:
+                raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
         stop = body.get("stop", (str, list), "a string or an array of strings")
         body.str("user")
         return dict(
@@ -277,6 +297,9 @@ class OpenAIServer:
             mode=body.str("mode", defaults.MODE),
             gamma=body.get("gamma", (int, str), "an integer or 'auto'", "auto"),
             downlink=body.str("downlink", defaults.DOWNLINK),
+            logprobs=logprobs,
+            n=n,
+            grammar=grammar,
         )
 
     @staticmethod
@@ -310,10 +333,14 @@ class OpenAIServer:
             raise ApiError(400, "'messages' is required", param="messages", code="missing_required_parameter")
         messages = body.get("messages", (list,), "an array")
         opts = self._options(body, chat=True)
-        return await self._generate(request, body, prompt=None, messages=messages, opts=opts, chat=True)
+        tools = body.data.get("tools") if body.data.get("tool_choice") != "none" else None
+        if tools:
+            messages = _with_tools_prompt(messages, tools)
+        return await self._generate(request, body, prompt=None, messages=messages, opts=opts, chat=True,
+                                    tools=bool(tools))
 
     async def _generate(self, request: web.Request, body: _Body, *, prompt: Any, messages: Any,
-                        opts: dict[str, Any], chat: bool) -> web.StreamResponse:
+                        opts: dict[str, Any], chat: bool, tools: bool = False) -> web.StreamResponse:
         stream_ = body.bool("stream", False)
         so = body.get("stream_options", (dict,), "an object", {})
         include_usage = so.get("include_usage", False)
@@ -343,8 +370,10 @@ class OpenAIServer:
                     first = await pieces.__anext__()
                 except StopAsyncIteration:
                     first = None
-                return await self._sse(request, s, pieces, first, rid, created, chat, include_usage)
-            parts = [p.text async for p in pieces]
+                return await self._sse(request, s, pieces, first, rid, created, chat, include_usage, tools)
+            parts: dict[int, list[str]] = {}
+            async for p in pieces:
+                parts.setdefault(p.index, []).append(p.text)
         except asyncio.CancelledError:
             s.cancel()
             raise
@@ -354,37 +383,47 @@ class OpenAIServer:
             raise _api_error(exc) from None
         finally:
             await s.aclose()
-        res = s.result
-        assert res is not None
-        text = "".join(parts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": _finish(res)}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(res)}
+        results = s.results
+        assert results
+        choices = []
+        for res in results:
+            text = "".join(parts.get(res.index, []))
+            lps = _logprobs_json(res.logprobs, chat)
+            call = parse_tool_call(text) if tools else None
+            if call is not None:
+                choices.append({"index": res.index, "message": {"role": "assistant", "content": None,
+                                                                "tool_calls": [call]},
+                                "logprobs": lps, "finish_reason": "tool_calls"})
+            elif chat:
+                choices.append({"index": res.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": lps, "finish_reason": _finish(res)})
+            else:
+                choices.append({"index": res.index, "text": text, "logprobs": lps, "finish_reason": _finish(res)})
         return web.json_response({
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": self.model_name,
             "system_fingerprint": None,
-            "choices": [choice],
-            "usage": _usage(res),
-            "dssd": res.stats_dict(),
+            "choices": choices,
+            "usage": _usage(results),
+            "dssd": _dssd(results),
         })
 
     async def _sse(self, request: web.Request, s: AsyncTokenStream, pieces: AsyncIterator[Piece],
-                   first: Piece | None, rid: str, created: int, chat: bool, include_usage: bool) -> web.StreamResponse:
+                   first: Piece | None, rid: str, created: int, chat: bool, include_usage: bool,
+                   tools: bool = False) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: Any, finish: str | None, **extra: Any) -> dict[str, Any]:
+        def chunk(delta: Any, finish: str | None, index: int = 0, logprobs: Any = None,
+                  **extra: Any) -> dict[str, Any]:
             if chat:
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": obj, "created": created, "model": self.model_name,
                     "system_fingerprint": None, "choices": [choice], **extra}
 
@@ -393,23 +432,48 @@ class OpenAIServer:
             await resp.write(f"data: {payload}\n\n".encode())
 
         try:
-            if chat:
-                await send(chunk({"role": "assistant", "content": ""}, None))
-            async def send_piece(piece: Piece) -> None:
-                if piece.text:  # text the target did not verify (fallback) says so in its chunk
-                    extra = {} if piece.verified else {"dssd": {"verified": False}}
-                    await send(chunk({"content": piece.text} if chat else piece.text, None, **extra))
+            opened: set[int] = set()
 
+            held: dict[int, list[str]] = {}  # with tools: a choice's text, until it is known to be a call
+
+            async def send_piece(piece: Piece) -> None:
+                if tools:
+                    held.setdefault(piece.index, []).append(piece.text)
+                    return
+                if chat and piece.index not in opened:
+                    opened.add(piece.index)
+                    await send(chunk({"role": "assistant", "content": ""}, None, piece.index))
+                # tokens with logprobs are sent even when they add no text yet (mid-character)
+                if piece.text or (piece.logprobs and piece.ids):
+                    extra = {} if piece.verified else {"dssd": {"verified": False}}
+                    await send(chunk({"content": piece.text} if chat else piece.text, None, piece.index,
+                                     _logprobs_json(piece.logprobs, chat), **extra))
+
+            if chat and first is None:
+                opened.add(0)
+                await send(chunk({"role": "assistant", "content": ""}, None))
             if first is not None:
                 await send_piece(first)
                 async for piece in pieces:
                     await send_piece(piece)
-            res = s.result
-            assert res is not None
-            await send(chunk({} if chat else "", _finish(res), dssd=res.stats_dict()))
+            results = s.results
+            assert results
+            for res in results:
+                if chat and res.index not in opened:
+                    await send(chunk({"role": "assistant", "content": ""}, None, res.index))
+                finish = _finish(res)
+                if tools:
+                    text = "".join(held.get(res.index, []))
+                    call = parse_tool_call(text)
+                    if call is not None:
+                        finish = "tool_calls"
+                        await send(chunk({"tool_calls": [{"index": 0, **call}]}, None, res.index))
+                    elif text:
+                        await send(chunk({"content": text}, None, res.index))
+                await send(chunk({} if chat else "", finish, res.index, dssd=res.stats_dict()))
             if include_usage:
                 await send({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                            "choices": [], "usage": _usage(res), "dssd": res.stats_dict()})
+                            "choices": [], "usage": _usage(results), "dssd": _dssd(results)})
             await send("[DONE]")
         except (ConnectionResetError, asyncio.CancelledError):
             s.cancel()  # the client went away: stop generating
@@ -425,22 +489,86 @@ class OpenAIServer:
         return resp
 
 
+def _with_tools_prompt(messages: Any, tools: Any) -> Any:
+    """The messages with the tools described in the system message: how the model learns
+    what it may call and how a call is written (the grammar then holds it to that form)."""
+    if not isinstance(messages, list):
+        return messages
+    listing = json.dumps([t.get("function", t) for t in tools if isinstance(t, dict)])
+    note = ("You can call these functions: " + listing + "\nTo call one, answer with only "
+            '{"name": <function name>, "arguments": <its arguments as JSON>}.')
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer") \
+            and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + note}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
 def _finish(res: Completion) -> str:
     return "length" if res.finish_reason == "length" else "stop"  # eos and stop strings are "stop"
 
 
-def _usage(res: Completion) -> dict[str, Any]:
-    r = res.stats.rounds
+def _usage(results: list[Completion]) -> dict[str, Any]:
+    """The prompt counts once (its prefill is shared by the choices); completions add up."""
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    accepted = sum(r.stats.rounds.accepted_tokens for r in results)
+    drafted = sum(r.stats.rounds.draft_tokens for r in results)
     return {
-        "prompt_tokens": res.prompt_tokens,
-        "completion_tokens": res.completion_tokens,
-        "total_tokens": res.prompt_tokens + res.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
         # OpenAI's own speculative-decoding counters (Predicted Outputs), filled from our drafts
         "completion_tokens_details": {
-            "accepted_prediction_tokens": r.accepted_tokens,
-            "rejected_prediction_tokens": r.draft_tokens - r.accepted_tokens,
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": drafted - accepted,
         },
     }
+
+
+def _dssd(results: list[Completion]) -> dict[str, Any]:
+    """The first choice's stats; with n > 1 also every choice's, under "choices"."""
+    d = results[0].stats_dict()
+    if len(results) > 1:
+        d["choices"] = [r.stats_dict() for r in results]
+    return d
+
+
+#: What OpenAI reports for a logprob of -inf (JSON has no infinity).
+_NEG_INF_LOGPROB = -9999.0
+
+
+def _lp_value(v: float) -> float:
+    return v if v > _NEG_INF_LOGPROB else _NEG_INF_LOGPROB
+
+
+def _token_str(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def _logprobs_json(lps: list[TokenLogprob | None] | None, chat: bool) -> Any:
+    """OpenAI's logprobs object: chat's {"content": [...]} or completions' parallel arrays.
+    A token whose target logprob is unknown (fallback) gets null."""
+    if lps is None:
+        return None
+    if chat:
+        content = []
+        for e in lps:
+            if e is None:
+                content.append(None)
+                continue
+            content.append({"token": _token_str(e.token), "logprob": _lp_value(e.logprob), "bytes": list(e.token),
+                            "top_logprobs": [{"token": _token_str(b), "logprob": _lp_value(v), "bytes": list(b)}
+                                             for _, b, v in e.top]})
+        return {"content": content, "refusal": None}
+    tokens, values, tops, offsets, at = [], [], [], [], 0
+    for e in lps:
+        text = "" if e is None else _token_str(e.token)
+        tokens.append(text)
+        values.append(None if e is None else _lp_value(e.logprob))
+        tops.append(None if e is None else {_token_str(b): _lp_value(v) for _, b, v in e.top})
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 # -- running it ------------------------------------------------------------------------

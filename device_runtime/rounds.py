@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 from protocol import wire
-from protocol.checks import check_verdict
+from protocol.checks import check_logprobs, check_verdict
+from protocol.logprobs import OFF as LOGPROBS_OFF, TokenLogprobs
 from protocol.downlink import CandidateBudget, next_request_size, resample_from_verdict
 from protocol.verification import VerdictKind
 
@@ -93,6 +94,9 @@ class SendMore:
 @dataclass(frozen=True)
 class Commit:
     ids: list[int]
+    #: the target's logprobs of the tokens the verdict settled (a request with logprobs):
+    #: the previous round's resampled token, if any, then `ids`, except a resampled last id
+    logprobs: TokenLogprobs | None = None
 
 
 Action = Any  # DraftJob | SendDraft | AwaitAhead | SendMore | Commit | None
@@ -147,6 +151,7 @@ class RoundMachine:
         self.verdict: wire.VerdictMsg | None = None
         self.trials = 0
         self.more_want = 0
+        self.logprobs: TokenLogprobs | None = None  # this round's, from its first verdict
 
     # -- a round starts ------------------------------------------------------------------
     def start(self) -> Action:
@@ -197,6 +202,7 @@ class RoundMachine:
                 self.control.observe_draft(draft_s, self.inline)
         c, d = self.config, self.draft
         assert d is not None
+        self.gamma = len(d.ids)  # a constrained draft ends early at EOS
         self.frame = wire.Draft(
             n_committed=len(self.committed),
             prefix_ids=np.asarray(self.prefix, np.int32),
@@ -214,7 +220,8 @@ class RoundMachine:
         self._box = []
         self.verdict = None
         gamma, remaining = self.gamma, self.remaining
-        self.pipelining = self.config.pipeline and gamma >= 1 and remaining > gamma + 1
+        # (not under a grammar: a guess would have to advance it past the verdict)
+        self.pipelining = self.config.pipeline and self.config.grammar is None and gamma >= 1 and remaining > gamma + 1
         if not self.pipelining:
             return None
         # the bonus guess + the next round's drafts: when the guess is right the next round
@@ -250,10 +257,16 @@ class RoundMachine:
         try:
             check_verdict(v, gamma=self.gamma, n_vocab=self.n_vocab, resample_allowed=self.resample_allowed,
                           max_candidates=max(self.frame.n_candidates, 1))
+            if self.config.logprobs != LOGPROBS_OFF:
+                n = self.frame.prefix_ids.size + v.n_accepted + (v.kind is not VerdictKind.RESAMPLE)
+                check_logprobs(v.logprobs, n=n, k=self.config.logprobs, n_vocab=self.n_vocab, where="Verdict")
+            elif v.logprobs is not None:
+                raise wire.Malformed("the edge sent an invalid Verdict: logprobs nobody asked for")
         except wire.WireError:
             self.edge_lost()
             raise
         self.verdict = v
+        self.logprobs = v.logprobs
         if self.pipelining:
             self._box.append(v)
             return AwaitAhead()
@@ -328,4 +341,4 @@ class RoundMachine:
         s.round_sources.append(self.source)
         if self.control is not None:  # round 1's wait includes the prompt's prefill on the edge
             self.control.observe(gamma, j, self.wait_s, round_s, timed=self.round_no > 1)
-        return Commit(new)
+        return Commit(new, self.logprobs)

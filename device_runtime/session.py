@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
 import logging
 import ssl
 import time
@@ -26,6 +27,9 @@ from device_runtime.transport import EdgeError, EdgeLink, EdgeUnreachable, parse
 from protocol import wire
 from protocol.affinity import check_key, new_key
 from protocol.checks import check_tokens
+from protocol.checks import check_logprobs, check_tokens
+from protocol import constraints
+from protocol import logprobs as lp
 from protocol.modes import MODES
 from protocol.sampling import DEVICE_STREAM, SamplingParams, resume_seed, rng_for
 from protocol.stats import RoundStats
@@ -33,9 +37,12 @@ from protocol.wire import MAX_SEED
 
 log = logging.getLogger(__name__)
 
-#: on_tokens(ids, text, verified): committed ids, the text now safe to show, and whether
-#: the target verified them (False for fallback tokens from the draft alone).
-TokenCallback = Callable[[list[int], str, bool], None]
+#: on_tokens(ids, text, verified, logprobs): committed ids, the text now safe to show,
+#: whether the target verified them (False for fallback tokens from the draft alone), and,
+#: for a request with logprobs, the target's (logprob, [(id, logprob)...]) of each id (None
+#: where it is unknown: a fallback token, or one resampled just before a lost edge); else None.
+LogprobEntry = tuple[float, list[tuple[int, float]]]
+TokenCallback = Callable[[list[int], str, bool, "list[LogprobEntry | None] | None"], None]
 #: Edge errors that mean "the edge is gone for now", not "this request is wrong": worth a
 #: reconnection once the request has run on the edge. AUTH, VOCAB_MISMATCH, VERSION,
 #: LIMIT, ... never heal by retrying; an INTERNAL is retried once, a second one is final.
@@ -108,6 +115,12 @@ class GenerationConfig:
     #: A verdict that takes longer than this counts as a lost edge.
     round_timeout_s: float = 30.0
     max_backoff_s: float = 8.0
+    #: -1: none; k >= 0: the target's logprob of each token and its k best alternatives
+    #: (protocol.logprobs; not in device-only mode, where there is no target)
+    logprobs: int = lp.OFF
+    #: the output's grammar (JSON schema / Lark, protocol.constraints); None: free text.
+    #: Both sides mask their logits with it; drafting ahead is off for such requests.
+    grammar: constraints.GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -120,6 +133,10 @@ class GenerationConfig:
             raise ValueError(f"seed must be in [0, {MAX_SEED}]")
         if self.n_candidates is not None and not 1 <= self.n_candidates <= 255:
             raise ValueError("n_candidates must be in [1, 255] (or None for adaptive)")
+        if not lp.OFF <= self.logprobs <= lp.MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be {lp.OFF} (off) or 0..{lp.MAX_TOP_LOGPROBS} alternatives")
+        if self.logprobs != lp.OFF and self.mode == "device-only":
+            raise ValueError("logprobs are the target's: device-only mode has none (the draft's are not exact)")
 
 
 @dataclass
@@ -210,6 +227,8 @@ class GenerationResult:
     finish_reason: str  # "eos" | "length" | "stop"
     stats: GenerationStats
     verified: list[bool] = field(default_factory=list)  # per token: checked by the target
+    #: per token, with logprobs: the target's (logprob, top alternatives), None where unknown
+    logprobs: list["LogprobEntry | None"] | None = None
 
     @property
     def exact(self) -> bool:
@@ -285,13 +304,57 @@ class _Output:
         self._shown = StopText(drafter.detokenize, eos_ids, config.stop)
         self._t0 = t0
         self.ttft_s = 0.0
+        #: with logprobs: per committed id, once known; events wait in `_held` until their
+        #: ids' logprobs are in (a resampled id's comes with the next verdict)
+        self.logprobs: list[LogprobEntry | None] | None = None if config.logprobs == lp.OFF else []
+        self._held: list[tuple[list[int], str, bool]] = []
+        self._n_shown = 0  # ids handed to on_tokens
 
     @property
     def text(self) -> str:
         return self._shown.text
 
-    def commit(self, ids: Sequence[int], verified: bool = True) -> bool:
-        """Append committed ids; returns True when generation is finished."""
+    @property
+    def missing_logprobs(self) -> int:
+        """Committed ids whose logprobs have not arrived (0 or 1 in practice)."""
+        return 0 if self.logprobs is None else len(self.ids) - len(self.logprobs)
+
+    def add_logprobs(self, block: lp.TokenLogprobs | None) -> None:
+        """The target's logprobs of the next ids in order (extras past the committed ids,
+        cut by EOS / length, are dropped); releases the events they complete."""
+        if self.logprobs is None or block is None:
+            return
+        self.logprobs.extend(block.entries()[: self.missing_logprobs])
+        self._flush()
+
+    def settle_missing(self) -> None:
+        """Logprobs that can no longer arrive (the edge was lost) are None."""
+        if self.logprobs is not None:
+            self.logprobs.extend([None] * self.missing_logprobs)
+            self._flush()
+
+    def _emit(self, ids: list[int], piece: str, verified: bool) -> None:
+        if self._on_tokens is None:
+            return
+        if self.logprobs is None:
+            self._on_tokens(ids, piece, verified, None)
+            return
+        self._held.append((ids, piece, verified))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._held and self.logprobs is not None and self._on_tokens is not None:
+            ids, piece, verified = self._held[0]
+            end = self._n_shown + len(ids)
+            if len(self.logprobs) < end:
+                return
+            self._held.pop(0)
+            self._on_tokens(ids, piece, verified, self.logprobs[self._n_shown : end])
+            self._n_shown = end
+
+    def commit(self, ids: Sequence[int], verified: bool = True, logprobs: lp.TokenLogprobs | None = None) -> bool:
+        """Append committed ids (and the logprobs that came with them); returns True when
+        generation is finished."""
         new: list[int] = []
         for tok in ids:
             new.append(int(tok))
@@ -310,15 +373,18 @@ class _Output:
         piece = self._shown.feed(new)
         if self._shown.stopped_at is not None:
             self.finish_reason = "stop"
-        if self._on_tokens is not None:
-            self._on_tokens(new, piece, verified)
+        if not verified and self.logprobs is not None:
+            self.settle_missing()  # a draft-alone token has no target logprob
+        self._emit(new, piece, verified)
+        self.add_logprobs(logprobs)
         return bool(self.finish_reason)
 
     def finish(self) -> None:
         """Stream the held-back text that turned out not to start a stop string."""
+        self.settle_missing()
         tail = self._shown.finish()
-        if tail and self._on_tokens is not None:
-            self._on_tokens([], tail, self.verified[-1] if self.verified else True)
+        if tail:
+            self._emit([], tail, self.verified[-1] if self.verified else True)
 
 
 class DeviceClient:
@@ -356,6 +422,15 @@ class DeviceClient:
         # adaptive gamma: one controller per (mode, sampling, max gamma, pipelining), kept
         # across requests, since acceptance and timings depend on these and not the prompt
         self._controllers: dict[tuple[Any, ...], GammaController] = {}
+        self._grammar_tokenizers: dict[tuple[int, ...], Any] = {}  # per EOS set, built on first use
+
+    def constraint(self, spec: constraints.GrammarSpec, eos_ids: Sequence[int]) -> constraints.Constraint:
+        """A fresh matcher of `spec` over the drafter's vocabulary (the edge builds the same)."""
+        key = tuple(eos_ids)
+        if key not in self._grammar_tokenizers:
+            self._grammar_tokenizers[key] = constraints.build_tokenizer(
+                self.drafter.vocab_tokens(), key, self.drafter.n_vocab)
+        return constraints.Constraint(self._grammar_tokenizers[key], spec, self.drafter.n_vocab)
 
     def gamma_controller(self, config: GenerationConfig, max_gamma: int) -> GammaController | None:
         """The learned controller for this kind of request (None for a fixed gamma)."""
@@ -453,6 +528,8 @@ class DeviceClient:
         stats = GenerationStats(mode=config.mode, prompt_tokens=len(prompt))
         rng = rng_for(config.seed, DEVICE_STREAM)
         out = _Output(self.drafter, config, self.drafter.eos_token_ids, on_tokens, t0)
+        if config.grammar is not None:
+            config.grammar.check()  # engine, version, kind: refused here before anything runs
         if config.mode == "device-only":
             self._alone(prompt, config, out, rng)
         else:
@@ -462,7 +539,8 @@ class DeviceClient:
         stats.unverified_tokens = out.verified.count(False)
         stats.wall_s = time.perf_counter() - t0
         stats.ttft_s = out.ttft_s
-        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats, out.verified)
+        return GenerationResult(out.ids, out.text, out.finish_reason or "length", stats, out.verified,
+                                out.logprobs)
 
     async def _with_edge(
         self,
@@ -529,6 +607,7 @@ class DeviceClient:
                     stats.bytes_up += link.bytes_up
                     stats.bytes_down += link.bytes_down
                 await self.close()
+                out.settle_missing()  # the lost edge kept the row of a resampled token
                 if isinstance(exc, EdgeError):
                     internal_errors += exc.code == wire.ErrorCode.INTERNAL
                     if exc.code not in TRANSIENT_EDGE_ERRORS or internal_errors > 1:
@@ -548,8 +627,14 @@ class DeviceClient:
                     log.warning("edge unreachable (%s); generating UNVERIFIED for %.2f s (--fallback)", exc,
                                 fallback_backoff)
                     deadline = time.perf_counter() + fallback_backoff
+                    fb = None  # the grammar holds for draft-alone tokens too (the edge resumes on them)
+                    if config.grammar is not None:
+                        fb = self.constraint(config.grammar, sorted(out.eos))
+                        fb.advance(out.ids)
                     while not out.finish_reason and time.perf_counter() < deadline:
-                        tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng)
+                        tok = self.drafter.next_token(prompt + out.ids, config.sampling, rng, fb)
+                        if fb is not None:
+                            fb.advance([tok])
                         out.commit([tok], verified=False)
                     fallback_backoff = min(fallback_backoff * 2, config.max_backoff_s)
                     continue
@@ -576,6 +661,11 @@ class DeviceClient:
         up0, down0 = link.bytes_up, link.bytes_down
         out.eos = set(link.welcome.eos_token_ids)  # the target decides where its output ends
         committed = prompt + out.ids
+        grammar = constraint = None
+        if config.grammar is not None:
+            grammar = dataclasses.replace(config.grammar, offset=len(prompt))
+            constraint = self.constraint(grammar, link.welcome.eos_token_ids)
+            constraint.advance(out.ids)
         await link.send(
             wire.Start(
                 mode=config.mode,
@@ -584,17 +674,25 @@ class DeviceClient:
                 max_new_tokens=config.max_new_tokens - len(out.ids),
                 prompt_ids=np.asarray(committed, np.int32),
                 downlink=config.downlink,
+                logprobs=config.logprobs,
+                grammar=None if grammar is None else grammar.as_json(),
             )
         )
+        tail: list[int] = []
         if config.mode == "edge-only":
             await self._edge_only(link, out, config)
         else:
-            await self._speculate(link, committed, config, out, stats, rng)
-        await link.send(wire.End(len(prompt) + len(out.ids)))
+            tail = await self._speculate(link, committed, config, out, stats, rng, constraint)
+        # a last resampled id whose logprob the edge has not sent yet goes back in End
+        tail = tail[-1:] if out.missing_logprobs else []
+        await link.send(wire.End(len(prompt) + len(out.ids), tuple(tail)))
         while True:  # edge-only may still have tokens in flight before Done
             msg = await link.recv((wire.Done, wire.Tokens), timeout=config.round_timeout_s)
             if isinstance(msg, wire.Done):
-                stats.edge = msg.stats
+                stats.edge = dict(msg.stats)
+                if tail:
+                    out.add_logprobs(_tail_logprobs(stats.edge.pop("logprobs", None), config.logprobs,
+                                                    self.drafter.n_vocab))
                 break
         stats.bytes_up += link.bytes_up - up0
         stats.bytes_down += link.bytes_down - down0
@@ -604,8 +702,11 @@ class DeviceClient:
     ) -> None:
         """Device-only decoding: the draft model alone (fast, draft quality)."""
         committed = list(prompt)
+        c = None if config.grammar is None else self.constraint(config.grammar, self.drafter.eos_token_ids)
         while True:
-            tok = self.drafter.next_token(committed, config.sampling, rng)
+            tok = self.drafter.next_token(committed, config.sampling, rng, c)
+            if c is not None:
+                c.advance([tok])
             committed.append(tok)
             if out.commit([tok]):
                 return
@@ -614,7 +715,10 @@ class DeviceClient:
         while True:
             msg = await link.recv(wire.Tokens, timeout=config.round_timeout_s)
             check_tokens(msg, n_vocab=self.drafter.n_vocab, remaining=config.max_new_tokens - len(out.ids))
-            if out.commit(msg.ids.tolist()) or msg.done:
+            if config.logprobs != lp.OFF:
+                check_logprobs(msg.logprobs, n=msg.ids.size, k=config.logprobs, n_vocab=self.drafter.n_vocab,
+                               where="Tokens frame")
+            if out.commit(msg.ids.tolist(), logprobs=msg.logprobs) or msg.done:
                 return
 
     async def _speculate(
@@ -625,10 +729,12 @@ class DeviceClient:
         out: _Output,
         stats: GenerationStats,
         rng: np.random.Generator,
-    ) -> None:
+        constraint: constraints.Constraint | None = None,
+    ) -> list[int]:
         """dssd / dssd-paper / dsd rounds until EOS, length or a stop string: the I/O and
         the drafter around a `RoundMachine`, which decides everything else. Drafting (in
-        line and pipelined) runs on a worker thread, never on the event loop."""
+        line and pipelined) runs on a worker thread, never on the event loop. Returns the
+        committed ids the edge has not seen (the last round's resampled id, if any)."""
         max_gamma = min(config.gamma if config.gamma is not None else config.max_gamma,
                         link.welcome.max_gamma, self.drafter.max_gamma)
         m = RoundMachine(config, stats, committed, len(out.ids), rng, max_gamma=max_gamma,
@@ -639,7 +745,8 @@ class DeviceClient:
         try:
             while True:
                 if isinstance(act, DraftJob):
-                    act = m.draft_ready(await loop.run_in_executor(None, self._draft, act, config, None))
+                    act = m.draft_ready(await loop.run_in_executor(None, self._draft, act, config, None,
+                                                                   constraint))
                 elif isinstance(act, SendDraft):
                     await link.send(act.frame, round=act.round)
                     job = m.sent()
@@ -653,9 +760,11 @@ class DeviceClient:
                 elif isinstance(act, SendMore):
                     await link.send(act.frame)
                     act = m.more_answer(await link.recv(wire.VerdictMsg, timeout=config.round_timeout_s))
-                elif out.commit(act.ids):
-                    return
-                else:
+                else:  # a Commit
+                    if constraint is not None:  # the grammar follows the committed ids
+                        constraint.advance(act.ids)
+                    if out.commit(act.ids, logprobs=act.logprobs):
+                        return m.prefix
                     act = m.next_round()
         finally:
             if background is not None:  # never leave the drafter busy on another thread
@@ -663,10 +772,21 @@ class DeviceClient:
                 await asyncio.wait([background])
 
     def _draft(self, job: DraftJob, config: GenerationConfig,
-               keep_going: Callable[[np.ndarray], bool] | None) -> Draft | tuple[Draft, float]:
+               keep_going: Callable[[np.ndarray], bool] | None,
+               constraint: constraints.Constraint | None = None) -> Draft | tuple[Draft, float]:
         """Run a `DraftJob` (on a worker thread); a pipelined one also returns its duration."""
         t0 = time.perf_counter()
         d = self.drafter.draft(job.base, job.n, config.sampling, job.rng, slot=job.slot,
-                               keep_going=keep_going, start=job.start)
+                               keep_going=keep_going, start=job.start, constraint=constraint)
         return (d, time.perf_counter() - t0) if job.ahead else d
 
+
+
+def _tail_logprobs(obj: object, k: int, n_vocab: int) -> lp.TokenLogprobs:
+    """The logprob of the request's last, resampled id, from `Done` (checked as a frame's)."""
+    try:
+        block = lp.from_json(obj, k)
+    except ValueError as exc:
+        raise wire.Malformed(f"the edge sent an invalid Done: {exc}") from None
+    check_logprobs(block, n=1, k=k, n_vocab=n_vocab, where="Done")
+    return block

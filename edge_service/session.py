@@ -7,6 +7,7 @@ worker thread; tests can drive it directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -28,6 +29,8 @@ from protocol.downlink import (
     choose_downlink,
     encode_rejection,
 )
+from protocol import constraints
+from protocol import logprobs as lp
 from protocol.modes import EDGE_MODES as MODES  # the modes this edge serves
 from protocol.sampling import (
     EDGE_STREAM,
@@ -107,6 +110,13 @@ class _Request:
     rejected: tuple[int, RowSupport] | None = None  # (j, P_j) while the device may ask for more
     more_in_round: int = 0  # More requests answered for the current rejection
     done: bool = False
+    logprobs: int = lp.OFF  # alternatives per token the device asked for (OFF: no logprobs)
+    #: log-softmax of the row of the last rejection, for the logprob of the token the
+    #: device resamples there (it arrives as the next Draft's prefix, or in End)
+    lp_carry: np.ndarray | None = None
+    prefill_tokens: int = 0  # prompt tokens the KV cache did not hold already (Done stats)
+    #: the output's grammar at the committed ids (protocol.constraints), None: free text
+    constraint: constraints.Constraint | None = None
 
 
 @dataclass
@@ -121,6 +131,9 @@ class PreparedRound:
     t0: float
     #: the shared id space [0, n_tokens) the rows are verified on (None: every row)
     n_tokens: int | None = None
+    #: the round's gamma + 1 raw logits rows on the host, kept only for a request with
+    #: logprobs (set by whichever path verifies the round)
+    logits: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -166,7 +179,9 @@ class EdgeSession:
         self._request: _Request | None = None
         self._greeted = False
         self._p_rows: np.ndarray | None = None  # preallocated (max_gamma + 1, V) buffer
-        self._starting: tuple[wire.Start, list[int], float] | None = None  # a Start being prefilled
+        #: a Start being prefilled: (msg, ids, t0, grammar constraint, tokens to prefill)
+        self._starting: tuple[wire.Start, list[int], float, Any, int] | None = None
+        self._grammar_tokenizer: Any = None  # built on the first constrained request
 
     # -- handshake ------------------------------------------------------------------
 
@@ -254,6 +269,9 @@ class EdgeSession:
         if prompt.min() < 0 or prompt.max() >= self._n_tokens:
             raise ProtocolError(ErrorCode.UNSUPPORTED,
                                 f"prompt token id outside the {self._n_tokens} tokens of the vocabulary")
+        if not lp.OFF <= msg.logprobs <= lp.MAX_TOP_LOGPROBS:
+            raise ProtocolError(ErrorCode.UNSUPPORTED,
+                                f"logprobs must be {lp.OFF} (off) or 0..{lp.MAX_TOP_LOGPROBS} alternatives")
         if not 1 <= msg.max_new_tokens <= self.limits.max_new_tokens:
             raise ProtocolError(
                 ErrorCode.LIMIT, f"max_new_tokens must be in [1, {self.limits.max_new_tokens}]"
@@ -265,6 +283,7 @@ class EdgeSession:
                 f"context of {self.max_context}",
             )
         ids = prompt.astype(np.int64).tolist()
+        constraint = self._constraint(msg.grammar, ids) if msg.grammar is not None else None
         t0 = time.perf_counter()
         if self._seq is None:
             self._seq = self.model.new_sequence()
@@ -277,7 +296,7 @@ class EdgeSession:
         keep = min(common_prefix_len(self._cached, ids[:-1]), self._seq.n_cached)
         self._seq.rollback(keep)
         self._cached = self._cached[:keep]
-        self._starting = (msg, ids, t0)
+        self._starting = (msg, ids, t0, constraint, len(ids) - 1 - keep)
 
     def prefill_step(self, max_tokens: int = PREFILL_CHUNK) -> bool:
         """(b) Prefill the next at most `max_tokens` prompt tokens of the Start begun by
@@ -298,7 +317,7 @@ class EdgeSession:
         """(c) The prompt is in the cache: the request begins."""
         if self._starting is None or len(self._cached) != len(self._starting[1]) - 1:
             raise ProtocolError(ErrorCode.UNEXPECTED, "the Start's prefill is not complete")
-        msg, ids, t0 = self._starting
+        msg, ids, t0, constraint, n_prefilled = self._starting
         self._starting = None
         stats = RoundStats()
         stats.prefill_s = time.perf_counter() - t0
@@ -312,8 +331,48 @@ class EdgeSession:
             stats=stats,
             committed=ids,
             pending=ids[-1:],
+            logprobs=msg.logprobs,
+            prefill_tokens=n_prefilled,
+            constraint=constraint,
         )
         return []
+
+    def _constraint(self, grammar: dict[str, Any], ids: list[int]) -> constraints.Constraint:
+        """The request's grammar compiled for this model's vocabulary, advanced over the
+        output already generated (a resumed request); UNSUPPORTED when it cannot be."""
+        try:
+            spec = constraints.GrammarSpec.from_json(grammar)
+            spec.check()
+            if spec.offset > len(ids):
+                raise constraints.ConstraintError("grammar offset beyond the prompt")
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = constraints.build_tokenizer(
+                    self.model.vocab_tokens, self.model.eos_token_ids, self.model.n_vocab)
+            c = constraints.Constraint(self._grammar_tokenizer, spec, self.model.n_vocab)
+            c.advance(ids[spec.offset :])
+            return c
+        except constraints.ConstraintError as exc:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"grammar refused: {exc}") from None
+
+    @staticmethod
+    def constrain_round(prep: "PreparedRound") -> np.ndarray | None:
+        """The grammar masks of a round's gamma + 1 rows (bit-packed), None if free text.
+
+        Advances the grammar over the Draft's prefix (committed: the device's resample) and
+        refuses a draft token the grammar forbids (the device applies the same mask, so Q
+        gives such a token probability 0: it cannot have been sampled)."""
+        c = prep.request.constraint
+        if c is None:
+            return None
+        try:
+            c.advance(prep.prefix)
+        except constraints.ConstraintError as exc:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"invalid draft: {exc}") from None
+        words, ok = c.masks(prep.draft.tolist())
+        if ok < prep.draft.size:
+            raise ProtocolError(ErrorCode.UNSUPPORTED,
+                                f"invalid draft: token {int(prep.draft[ok])} at {ok} is not allowed by the grammar")
+        return words
 
     def _require_request(self) -> _Request:
         r = self._request
@@ -365,6 +424,8 @@ class EdgeSession:
             raise ProtocolError(ErrorCode.LIMIT, "too many prefix tokens in one draft")
         if not r.pending and not prefix:
             raise ProtocolError(ErrorCode.DESYNC, "the resampled token is missing from this draft")
+        if r.logprobs != lp.OFF and (len(prefix) > 1 or (prefix and r.lp_carry is None)):
+            raise ProtocolError(ErrorCode.DESYNC, "with logprobs, a draft's prefix is only the resampled token")
         if msg.n_committed - r.n_prompt >= r.max_new_tokens:
             raise ProtocolError(ErrorCode.LIMIT, "max_new_tokens already reached")
         if msg.n_committed + gamma + 1 > self.max_context:
@@ -404,6 +465,12 @@ class EdgeSession:
         logits = logits[logits.shape[0] - prep.n_rows :, : self._n_tokens]  # a view: padding ids have P = 0
         p_rows = None
         try:
+            words = self.constrain_round(prep)
+            if r.logprobs != lp.OFF:  # the raw rows: logprobs are the unmasked log-softmax
+                prep.logits = logits if words is None else logits.copy()
+            if words is not None:
+                assert r.constraint is not None
+                r.constraint.apply(logits, words)
             with verification_errors():
                 if r.sampling.greedy:
                     verdict = greedy_verify(greedy_tokens(logits), draft)
@@ -433,12 +500,15 @@ class EdgeSession:
         torch path (`edge_service.torch_verify`) end here."""
         msg, r, prefix, draft, new, t0 = prep.msg, prep.request, prep.prefix, prep.draft, prep.new_ids, prep.t0
         gamma = draft.size
+        logprobs = None if r.logprobs == lp.OFF else self._round_logprobs(prep, verdict)
         n_before = len(self._cached)
         self._cached.extend(new)
         r.committed.extend(prefix)
         j = verdict.n_accepted
         self._keep(n_before + len(new) - gamma + j)
         r.committed.extend(draft[:j].tolist())
+        if r.constraint is not None:
+            r.constraint.advance(draft[:j].tolist() + ([] if verdict.kind is VerdictKind.RESAMPLE else [verdict.token]))
         r.rejected = None
         r.more_in_round = 0
         if verdict.kind is VerdictKind.RESAMPLE:
@@ -451,8 +521,29 @@ class EdgeSession:
             r.committed.append(verdict.token)
             r.pending = [verdict.token]
             reply = wire.VerdictMsg(verdict.kind, j, verdict.token)
+        if logprobs is not None:
+            reply = dataclasses.replace(reply, logprobs=logprobs)
         r.stats.record_round(gamma, j, time.perf_counter() - t0)
         return reply
+
+    @staticmethod
+    def _round_logprobs(prep: PreparedRound, verdict: Verdict) -> lp.TokenLogprobs:
+        """The target's logprobs of the tokens this verdict settles (see `wire.VerdictMsg`):
+        the prefix token from the carried row, then rows 0..j of the round; a RESAMPLE
+        carries row j's log-softmax to the next frame."""
+        r, k, j = prep.request, prep.request.logprobs, verdict.n_accepted
+        assert prep.logits is not None, "the verification path must keep the rows of a logprobs request"
+        parts = []
+        if prep.prefix:
+            assert r.lp_carry is not None
+            parts.append(lp.of_rows(r.lp_carry[np.newaxis], prep.prefix[:1], k))
+        tokens = prep.draft[:j].tolist()
+        if verdict.kind is not VerdictKind.RESAMPLE:
+            tokens.append(verdict.token)
+        lsm = lp.log_softmax(prep.logits[: j + 1])
+        parts.append(lp.of_rows(lsm[: len(tokens)], np.asarray(tokens, np.int64), k))
+        r.lp_carry = lsm[j] if verdict.kind is VerdictKind.RESAMPLE else None
+        return lp.TokenLogprobs.concat(parts, k)
 
     def more(self, msg: wire.More) -> wire.VerdictMsg:
         """The device's candidates all failed: more candidates, or the full P_j (n = 0)."""
@@ -493,6 +584,11 @@ class EdgeSession:
         r = step.request
         self._cached.extend(step.new_ids)
         logits = logits[: self._n_tokens]  # a view: padding ids have P = 0
+        raw = logits
+        if r.constraint is not None:
+            words, _ = r.constraint.masks([])
+            raw = logits.copy() if r.logprobs != lp.OFF else logits
+            r.constraint.apply(logits, words[0])
         with verification_errors():
             if r.sampling.greedy:  # no one-hot row: nothing reads it
                 token = greedy_token(logits)
@@ -500,6 +596,9 @@ class EdgeSession:
                 token = draw(logits, r.sampling, r.rng, self._rows_buffer(1)[0])
         r.committed.append(token)
         r.pending = [token]
+        if r.constraint is not None:
+            r.constraint.advance([token])
+        logprobs = None if r.logprobs == lp.OFF else lp.of_logits(raw, np.array([token]), r.logprobs)
         r.stats.record_round(0, 0, time.perf_counter() - step.t0)
         generated = len(r.committed) - r.n_prompt
         r.done = (
@@ -507,18 +606,26 @@ class EdgeSession:
             or token in self.model.eos_token_ids
             or len(r.committed) >= self.max_context
         )
-        return wire.Tokens(np.array([token], np.int32), done=r.done)
+        return wire.Tokens(np.array([token], np.int32), done=r.done, logprobs=logprobs)
 
     def end(self, msg: wire.End) -> wire.Done:
         r = self._request
         if r is None:
             raise ProtocolError(ErrorCode.UNEXPECTED, "no request to end")
+        tail = None
+        if msg.prefix_ids and r.logprobs != lp.OFF:  # the logprob of the last, resampled token
+            if len(msg.prefix_ids) != 1 or r.lp_carry is None or not 0 <= msg.prefix_ids[0] < self.model.n_vocab:
+                raise ProtocolError(ErrorCode.DESYNC, "End: the prefix must be the one token resampled last")
+            tail = lp.as_json(lp.of_rows(r.lp_carry[np.newaxis], msg.prefix_ids, r.logprobs))
         r.done = True
         self._request = None
         if self._seq is not None:
             self._seq.idle()  # kept for prefix reuse; evictable under memory pressure
         stats: dict[str, Any] = r.stats.as_dict()
+        if tail is not None:
+            stats["logprobs"] = tail
         stats["committed"] = len(r.committed)
+        stats["prefill_tokens"] = r.prefill_tokens
         stats["device_committed"] = msg.n_committed
         return wire.Done(stats)
 

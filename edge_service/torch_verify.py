@@ -33,8 +33,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from edge_service.session import PreparedRound, ProtocolError, verification_errors
+from edge_service.session import EdgeSession, PreparedRound, ProtocolError, verification_errors
+from protocol.constraints import unpack
 from protocol.downlink import RowSupport, as_support
+from protocol.logprobs import OFF as LOGPROBS_OFF
 from protocol.sampling import (
     NonFiniteLogits,
     SamplingParams,
@@ -154,7 +156,20 @@ def verify_rounds(preps: Sequence[PreparedRound], logits: torch.Tensor, counts: 
     for i, prep in enumerate(preps):
         groups.setdefault(prep.request.sampling, []).append(i)
     rows: list[list[Row]] = [[] for _ in preps]
+    refused: dict[int, ProtocolError] = {}
     with torch.inference_mode():
+        for i, prep in enumerate(preps):
+            span = slice(ends[i] - prep.n_rows, ends[i])
+            if prep.request.logprobs != LOGPROBS_OFF:  # the raw rows, before any grammar mask
+                prep.logits = logits[span].float().cpu().numpy().copy()
+            try:
+                words = EdgeSession.constrain_round(prep)
+            except ProtocolError as exc:
+                refused[i] = exc
+                continue
+            if words is not None:  # the grammar's mask, in place where the logits are
+                allowed = torch.from_numpy(unpack(words, logits.shape[1])).to(logits.device)
+                logits[span].masked_fill_(~allowed, float("-inf"))
         for params, members in groups.items():
             index = np.concatenate([np.arange(ends[i] - preps[i].n_rows, ends[i]) for i in members])
             if index.size == logits.shape[0] and np.array_equal(index, np.arange(index.size)):
@@ -167,7 +182,10 @@ def verify_rounds(preps: Sequence[PreparedRound], logits: torch.Tensor, counts: 
             for i in members:
                 rows[i], at = flat[at : at + preps[i].n_rows], at + preps[i].n_rows
     results: list[tuple[Verdict, RowSupport | None] | Exception] = []
-    for prep, round_rows in zip(preps, rows):
+    for i, (prep, round_rows) in enumerate(zip(preps, rows)):
+        if i in refused:
+            results.append(refused[i])
+            continue
         try:
             results.append(_verify(prep, round_rows))
         except ProtocolError as exc:

@@ -12,6 +12,7 @@ import numpy as np
 
 from protocol import wire
 from protocol.downlink import DOWNLINKS
+from protocol.logprobs import TokenLogprobs
 from protocol.verification import VerdictKind
 
 #: Upper bounds on Welcome fields (a u8 gamma on the wire; int32 positions).
@@ -99,3 +100,28 @@ def check_tokens(msg: wire.Tokens, *, n_vocab: int, remaining: int) -> None:
         raise _bad(f"Tokens frame: {msg.ids.size} ids with {remaining} still to generate")
     if msg.ids.min() < 0 or msg.ids.max() >= n_vocab:
         raise _bad(f"Tokens frame: ids outside the vocabulary of {n_vocab}")
+
+
+#: A log-softmax is <= 0; float rounding of the max-shifted sum may leave a hair above.
+_LOGPROB_SLACK = 1e-5
+
+
+def check_logprobs(lp: TokenLogprobs | None, *, n: int, k: int, n_vocab: int, where: str) -> None:
+    """Logprobs of exactly the `n` tokens a frame settles, with `k` alternatives each: values
+    <= 0 (not NaN; -inf allowed for a masked alternative), distinct in-vocabulary ids in
+    non-increasing order of logprob."""
+    if lp is None:
+        raise _bad(f"{where}: no logprobs, and the request asked for them")
+    if lp.n != n or lp.k != k:
+        raise _bad(f"{where}: logprobs for {lp.n} tokens x {lp.k} alternatives, expected {n} x {k}")
+    values = np.concatenate([lp.logprob, lp.top_logprobs.reshape(-1)])
+    if np.any(np.isnan(values)) or np.any(values > _LOGPROB_SLACK) or np.any(lp.logprob == -np.inf):
+        raise _bad(f"{where}: logprobs outside [-inf, 0] (or an emitted token at -inf)")
+    if k and n:
+        if lp.top_ids.min() < 0 or lp.top_ids.max() >= n_vocab:
+            raise _bad(f"{where}: logprob alternatives outside the vocabulary of {n_vocab}")
+        if np.any(np.diff(lp.top_logprobs, axis=1) > 0):
+            raise _bad(f"{where}: logprob alternatives not in descending order")
+        srt = np.sort(lp.top_ids, axis=1)
+        if np.any(srt[:, 1:] == srt[:, :-1]):
+            raise _bad(f"{where}: logprob alternatives repeat an id")

@@ -89,6 +89,22 @@ def resume_seed(seed: int, attempt: int) -> int:
     return int(np.random.SeedSequence([seed, attempt]).generate_state(1, np.uint64)[0] >> 1)
 
 
+#: Spawn key of the per-choice seeds (`choice_seed`), apart from `resume_seed`'s entropy.
+_CHOICE_KEY = 1
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The request seed of choice `index` of a request with n > 1 choices (OpenAI's `n`).
+
+    Choice 0 keeps the request's seed (n = 1 is unchanged); choice i > 0 gets an
+    independent 63-bit seed from numpy's SeedSequence spawned under (seed, i), so the n
+    choices are independent samples of the target and reproducible from the one seed.
+    """
+    if index == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(_CHOICE_KEY, index)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _check_finite(value: float) -> None:
     """Refuse a row whose largest entry is NaN, +inf or -inf (see `NonFiniteLogits`)."""
     if not np.isfinite(value):

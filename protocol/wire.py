@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 
+from protocol.logprobs import OFF as LOGPROBS_OFF, TokenLogprobs
 from protocol.sampling import SamplingParams
 from protocol.verification import VerdictKind
 
@@ -296,19 +297,27 @@ class Start:
     max_new_tokens: int
     prompt_ids: np.ndarray
     downlink: str = "full"
+    #: -1: no logprobs; k >= 0: the target's logprob of each emitted token and its k best
+    #: alternatives travel with the verdicts (protocol.logprobs). Sent only when >= 0.
+    logprobs: int = LOGPROBS_OFF
+    #: the output's grammar (protocol.constraints.GrammarSpec.as_json), or None: free text
+    grammar: dict[str, Any] | None = None
 
     def payload(self) -> bytes:
-        head = _json_bytes(
-            {
-                "mode": self.mode,
-                "temperature": self.sampling.temperature,
-                "top_k": self.sampling.top_k,
-                "top_p": self.sampling.top_p,
-                "seed": self.seed,
-                "max_new_tokens": self.max_new_tokens,
-                "downlink": self.downlink,
-            }
-        )
+        fields = {
+            "mode": self.mode,
+            "temperature": self.sampling.temperature,
+            "top_k": self.sampling.top_k,
+            "top_p": self.sampling.top_p,
+            "seed": self.seed,
+            "max_new_tokens": self.max_new_tokens,
+            "downlink": self.downlink,
+        }
+        if self.logprobs != LOGPROBS_OFF:
+            fields["logprobs"] = self.logprobs
+        if self.grammar is not None:
+            fields["grammar"] = self.grammar
+        head = _json_bytes(fields)
         ids = _ids(self.prompt_ids)
         return _START_HEAD.pack(len(head), ids.size) + head + ids.tobytes()
 
@@ -334,6 +343,8 @@ class Start:
             max_new_tokens=_get(o, "max_new_tokens", int),
             prompt_ids=ids,
             downlink=_get(o, "downlink", str, "full"),
+            logprobs=_get(o, "logprobs", int, LOGPROBS_OFF),
+            grammar=_get(o, "grammar", dict, None),
         )
 
 
@@ -357,6 +368,32 @@ def _read_ids(r: _Reader, flags: int, count: int) -> np.ndarray:
     if flags & _WIDE_IDS:
         return r.array(_I32, count)
     return r.array(_U16, count).astype(_I32)
+
+
+_LOGPROBS_HEAD = struct.Struct("<HBB")  # n tokens, k alternatives, wide ids
+#: flags bit of Verdict (and of Tokens' flags byte) saying a logprobs block follows
+_HAS_LOGPROBS = 0x20
+
+
+def _pack_logprobs(lp: TokenLogprobs) -> bytes:
+    """n float32 logprobs, then n x k alternative ids (uint16 unless wide) and their float32
+    logprobs: 4 + 4 bytes head, 4 bytes per token, 6 (or 8) per alternative."""
+    top = _ids(lp.top_ids).reshape(-1)
+    wide, (ids,) = _pack_ids(top)
+    values = _floats(lp.logprob)
+    top_lp = _floats(lp.top_logprobs).reshape(-1)
+    if top.size != values.size * lp.k or top_lp.size != top.size:
+        raise ValueError("logprobs: top ids and values must be n x k")
+    return _LOGPROBS_HEAD.pack(values.size, lp.k, int(bool(wide))) + values.tobytes() + ids + top_lp.tobytes()
+
+
+def _read_logprobs(r: _Reader) -> TokenLogprobs:
+    n, k, wide = r.unpack(_LOGPROBS_HEAD)
+    if wide > 1:
+        raise Malformed("logprobs: wide flag must be 0 or 1")
+    values = r.array(_F32, n)
+    ids = _read_ids(r, _WIDE_IDS if wide else 0, n * k).reshape(n, k)
+    return TokenLogprobs(values, ids, r.array(_F32, n * k).reshape(n, k))
 
 
 @dataclass(frozen=True)
@@ -426,8 +463,9 @@ class VerdictMsg:
     """Edge -> device: the verdict of one round, plus P_j when the device must resample.
 
     Layout: kind u8, n_accepted u8, flags u8 (bits 0-1 downlink kind, 2-3 float code of
-    a full row, 4 wide ids); then `token` i32 unless kind is RESAMPLE; then, with a
-    downlink, a u32 count and the data. A plain verdict is 7 bytes.
+    a full row, 4 wide ids, 5 logprobs follow); then `token` i32 unless kind is RESAMPLE;
+    then, with a downlink, a u32 count and the data; then, for a request that asked for
+    logprobs, the logprobs block (see `_pack_logprobs`). A plain verdict is 7 bytes.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.VERDICT
@@ -438,6 +476,10 @@ class VerdictMsg:
     p_ids: np.ndarray | None = None  # (n,) int32: SUPPORT or CANDIDATES
     p_values: np.ndarray | None = None  # (n,) float32: P_j at those ids
     candidates: bool = False  # p_ids are i.i.d. draws from P_j, not its support
+    #: the target's logprobs of the tokens this verdict settles, in order: the Draft's
+    #: prefix (the previous round's resampled token), the accepted drafts, then `token`
+    #: unless RESAMPLE (protocol.logprobs)
+    logprobs: TokenLogprobs | None = None
 
     @property
     def downlink(self) -> DownlinkKind:
@@ -462,6 +504,9 @@ class VerdictMsg:
                 raise ValueError("support ids and values differ in length")
             flags |= wide
             body = _U32.pack(vals.size) + ids + vals.tobytes()
+        if self.logprobs is not None:
+            flags |= _HAS_LOGPROBS
+            body += _pack_logprobs(self.logprobs)
         token = b"" if self.kind == VerdictKind.RESAMPLE else _TOKEN.pack(self.token)
         return _VERDICT_HEAD.pack(self.kind, self.n_accepted, flags) + token + body
 
@@ -473,26 +518,32 @@ class VerdictMsg:
             dl = DownlinkKind(flags & 0x03)
         except ValueError:
             raise Malformed(f"unknown verdict kind {kind} or flags {flags:#x}") from None
-        if flags & ~(_WIDE_IDS | 0x0F):
+        if flags & ~(_WIDE_IDS | _HAS_LOGPROBS | 0x0F):
             raise Malformed(f"unknown verdict flags {flags:#x}")
+        has_lp = bool(flags & _HAS_LOGPROBS)
+        flags &= ~_HAS_LOGPROBS
         token = -1 if kind == VerdictKind.RESAMPLE else r.unpack(_TOKEN)[0]
         float_code = (flags >> 2) & 0x03
+        fields: dict[str, Any] = {}
         if dl is DownlinkKind.FULL:
             dtype = _FLOAT_CODES.get(float_code)
             if dtype is None or flags & _WIDE_IDS:
                 raise Malformed(f"bad flags {flags:#x} for a full row")
             (count,) = r.unpack(_U32)
-            return cls(kind, n_accepted, token, p_full=r.array(dtype, count))
-        if float_code:
+            fields["p_full"] = r.array(dtype, count)
+        elif float_code:
             raise Malformed("float code on a downlink without a full row")
-        if dl is DownlinkKind.NONE:
+        elif dl is DownlinkKind.NONE:
             if flags:
                 raise Malformed(f"bad flags {flags:#x} without a downlink")
-            return cls(kind, n_accepted, token)
-        (count,) = r.unpack(_U32)
-        ids = _read_ids(r, flags, count)
-        return cls(kind, n_accepted, token, p_ids=ids, p_values=r.array(_F32, count),
-                   candidates=dl is DownlinkKind.CANDIDATES)
+        else:
+            (count,) = r.unpack(_U32)
+            fields["p_ids"] = _read_ids(r, flags, count)
+            fields["p_values"] = r.array(_F32, count)
+            fields["candidates"] = dl is DownlinkKind.CANDIDATES
+        if has_lp:
+            fields["logprobs"] = _read_logprobs(r)
+        return cls(kind, n_accepted, token, **fields)
 
 
 _TOKENS_HEAD = struct.Struct("<BI")
@@ -505,17 +556,21 @@ class Tokens:
     TYPE: ClassVar[MsgType] = MsgType.TOKENS
     ids: np.ndarray
     done: bool = False
+    logprobs: TokenLogprobs | None = None  # of `ids`, for a request that asked for them
 
     def payload(self) -> bytes:
         ids = _ids(self.ids)
-        return _TOKENS_HEAD.pack(int(self.done), ids.size) + ids.tobytes()
+        flags = int(self.done) | (_HAS_LOGPROBS if self.logprobs is not None else 0)
+        tail = b"" if self.logprobs is None else _pack_logprobs(self.logprobs)
+        return _TOKENS_HEAD.pack(flags, ids.size) + ids.tobytes() + tail
 
     @classmethod
     def parse(cls, r: _Reader) -> "Tokens":
-        done, n = r.unpack(_TOKENS_HEAD)
-        if done > 1:
-            raise Malformed("done flag must be 0 or 1")
-        return cls(r.array(_I32, n), bool(done))
+        flags, n = r.unpack(_TOKENS_HEAD)
+        if flags & ~(1 | _HAS_LOGPROBS):
+            raise Malformed("Tokens flags: only done (bit 0) and logprobs (bit 5)")
+        ids = r.array(_I32, n)
+        return cls(ids, bool(flags & 1), _read_logprobs(r) if flags & _HAS_LOGPROBS else None)
 
 
 _END = struct.Struct("<I")
@@ -523,17 +578,26 @@ _END = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class End:
-    """Device -> edge: the request is over (EOS, stop string, length) at `n_committed`."""
+    """Device -> edge: the request is over (EOS, stop string, length) at `n_committed`.
+
+    `prefix_ids`: committed tokens the edge has not seen (the device's last residual
+    resample), sent only by a request with logprobs, whose `Done` then reports theirs.
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.END
     n_committed: int
+    prefix_ids: tuple[int, ...] = ()
 
     def payload(self) -> bytes:
-        return _END.pack(self.n_committed)
+        return _END.pack(self.n_committed) + _ids(list(self.prefix_ids)).tobytes()
 
     @classmethod
     def parse(cls, r: _Reader) -> "End":
-        return cls(*r.unpack(_END))
+        (n,) = r.unpack(_END)
+        rest = r.rest_bytes()
+        if len(rest) % 4:
+            raise Malformed("End: prefix ids must be int32")
+        return cls(n, tuple(np.frombuffer(rest, _I32).tolist()))
 
 
 @dataclass(frozen=True)

@@ -322,7 +322,7 @@ def test_bad_requests_get_openai_errors(client, server):  # noqa: ANN001
         ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                           "mode": "nope"}), 400, "mode"),
         ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                          "n": 3}), 400, "n"),
+                                          "n": 17}), 400, "n"),
         ("/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                           "seed": -1}), 400, "seed"),
         ("/completions", json.dumps({"model": MODEL, "prompt": "word " * 2000}), 400, "prompt"),
@@ -412,7 +412,8 @@ def test_fuzzed_bodies_never_500(server):  # noqa: ANN001
               [{"role": "user", "content": "hi"}], [{"role": 1}], "\u0000", "\ud7ff" * 3]
     fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
               "top_k", "seed", "stop", "stream", "stream_options", "n", "mode", "gamma", "downlink", "logprobs",
-              "echo", "logit_bias", "response_format", "tools", "user", "suffix", "best_of", "presence_penalty"]
+              "echo", "logit_bias", "response_format", "tools", "user", "suffix", "best_of", "presence_penalty",
+              "top_logprobs", "tool_choice"]
     for i in range(160):
         chat = i % 2 == 0
         body: dict = ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} if chat
