@@ -270,6 +270,9 @@ class EdgeSession:
             self._seq = self.model.new_sequence()
             self._cached = []
         keep = common_prefix_len(self._cached, ids)
+        if not self._seq.can_rollback(keep):  # a sliding-window cache past its window
+            self._seq.release()
+            self._seq, self._cached, keep = self.model.new_sequence(), [], 0
         self._seq.rollback(keep)
         self._cached = self._cached[:keep]
         for start in range(keep, len(ids), PREFILL_CHUNK):

@@ -73,6 +73,16 @@ class TargetSequence(ABC):
     def rollback(self, n_keep: int) -> None:
         """Drop cached tokens beyond the first `n_keep` (0 <= n_keep <= n_cached)."""
 
+    def can_rollback(self, n_keep: int) -> bool:
+        """Whether `rollback(n_keep)` is possible.
+
+        True for any 0 <= n_keep <= n_cached on a full-attention cache. A sliding-window
+        layer (Gemma-3's local layers) holds only its window once the sequence is longer:
+        it can drop the tokens of its last forward (a rejected draft) but not go further
+        back, so a caller re-syncing to an older prefix starts a fresh sequence instead.
+        """
+        return 0 <= n_keep <= self.n_cached
+
     @abstractmethod
     def release(self) -> None:
         """Free the cache; the sequence is unusable afterwards."""

@@ -195,11 +195,26 @@ class TorchTargetModel(TargetModel):
 
 
 class TorchSequence(TargetSequence):
+    """One session's DynamicCache.
+
+    Sliding-window layers (Gemma-3) keep only `sliding_window - 1` past tokens, and
+    transformers refuses to crop one that is past its window unless it records its past.
+    So they record it, are cut back to the window before each forward (`_restrict`), and a
+    rollback may go back to the start of the last forward (`_floor`), which covers every
+    rejected draft; `can_rollback` says when an older prefix needs a fresh sequence.
+    """
+
     def __init__(self, model: TorchTargetModel) -> None:
         from transformers import DynamicCache
 
         self._model = model
         self._cache = DynamicCache(config=model.model.config)
+        self._sliding = [layer for layer in self._cache.layers if getattr(layer, "is_sliding", False)]
+        for layer in self._sliding:
+            layer.activate_past_recording()
+        #: smallest window of the sliding layers (None: full attention only)
+        self._window = min((layer.sliding_window for layer in self._sliding), default=None)
+        self._floor = 0  # rollback cannot go below this many tokens
         self._n = 0
 
     @property
@@ -231,16 +246,34 @@ class TorchSequence(TargetSequence):
     def _forward_rows(self, new_ids: Sequence[int], keep: int) -> "torch.Tensor":  # noqa: F821
         """`forward` leaving the kept logits rows as a tensor where the model computed them."""
         self._check_forward(new_ids)
+        self._restrict()
         rows = self._model.forward_rows(self._cache, new_ids, keep)
-        self._n += len(new_ids)
+        before, self._n = self._n, self._n + len(new_ids)
+        self._floor = before if self._past_window(self._n) else 0
         return rows
+
+    def _past_window(self, n: int) -> bool:
+        return self._window is not None and n >= self._window
+
+    def _restrict(self) -> None:
+        """Cut recorded sliding layers back to their window (what the next forward's mask expects)."""
+        for layer in self._sliding:
+            if layer.get_seq_length() >= layer.sliding_window:
+                layer.crop(0)
+
+    def can_rollback(self, n_keep: int) -> bool:
+        return self._floor <= n_keep <= self._n
 
     def rollback(self, n_keep: int) -> None:
         if not 0 <= n_keep <= self._n:
             raise ValueError(f"cannot roll back to {n_keep} of {self._n} cached tokens")
+        if not self.can_rollback(n_keep):
+            raise ValueError(f"cannot roll back to {n_keep} of {self._n} cached tokens: the sliding-window "
+                             f"layers hold only the tokens from {self._floor} on (start a new sequence)")
         if n_keep < self._n:
             self._cache.crop(n_keep - self._n)  # transformers 5 takes minus the tokens to drop
             self._n = n_keep
+            self._floor = n_keep if self._past_window(n_keep) else 0
 
     def release(self) -> None:
         self._cache = None  # type: ignore[assignment]
