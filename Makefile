@@ -24,7 +24,8 @@ $(BIN)/python:
 # there (still AVX2/FMA/F16C). Override with LLAMA_NATIVE=ON|OFF, or LLAMA_CMAKE_ARGS.
 LLAMA_CPP_VERSION := 0.3.36
 WHEELS ?= .wheels
-CPU_HAS_AMX := $(shell grep -qw -e amx_tile -e amx_int8 /proc/cpuinfo 2>/dev/null && echo yes)
+CPUINFO ?= /proc/cpuinfo
+CPU_HAS_AMX := $(shell grep -qw -e amx_tile -e amx_int8 $(CPUINFO) 2>/dev/null && echo yes)
 ifeq ($(CPU_HAS_AMX),yes)
 LLAMA_NATIVE ?= OFF
 LLAMA_NATIVE_WHY := x86 CPU with AMX: ggml's native AMX kernels crash on quantized batches, keeping GGML_NATIVE=OFF

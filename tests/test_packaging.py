@@ -7,8 +7,11 @@ changed in one place cannot silently differ in the other.
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: What a device may install, and only that (issue 20): no torch, transformers, onnx, plots.
@@ -52,3 +55,15 @@ def test_extras_and_requirements_txt_pin_the_same() -> None:
         specs.setdefault(_name(r), set()).add(_spec(r))
     assert {n: s for n, s in specs.items() if len(s) > 1} == {}, "one specifier per package"
     assert {n: next(iter(s)) for n, s in specs.items()} == reqs
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx2 amx_bf16 amx_tile amx_int8 avx512f", "OFF"),
+                                           ("fpu sse avx2 fma f16c", "ON"), ("fp asimd asimddp", "ON")])
+def test_make_builds_llama_cpp_natively_unless_the_cpu_has_amx(tmp_path: Path, flags: str, native: str) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    plan = subprocess.run(["make", "-n", "-B", "llama-wheel", f"CPUINFO={cpuinfo}", "WHEELS=" + str(tmp_path / "w")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert f'CMAKE_ARGS="-DGGML_NATIVE={native} -DLLAVA_BUILD=OFF"' in plan.stdout
+    assert ("AMX" in plan.stdout) and (("crash" in plan.stdout) == (native == "OFF"))
