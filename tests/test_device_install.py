@@ -23,7 +23,8 @@ from tests.test_end_to_end import reference_greedy
 from tests.test_packaging import DEVICE_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
-WHEELS = REPO / ".wheels"
+#: The wheelhouse `make setup` fills (override: $DSSD_WHEELS, e.g. a wheel built elsewhere).
+WHEELS = Path(os.environ.get("DSSD_WHEELS") or REPO / ".wheels")
 PROMPT = "The three primary colors are"
 N_TOKENS = 24
 #: Importable in the main venv, absent from a device venv.
