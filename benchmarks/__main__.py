@@ -41,6 +41,7 @@ from benchmarks.compare import (  # noqa: E402
     run_compare,
 )
 from device_runtime.gamma import DEFAULT_MAX_GAMMA  # noqa: E402
+from dssd_common.models import FAMILIES  # noqa: E402
 
 if TYPE_CHECKING:
     from benchmarks.adaptive import AdaptiveConfig
@@ -71,8 +72,12 @@ def _mode_tokens(s: str) -> dict[str, int]:
 def _common(p: argparse.ArgumentParser, *, out: str, prompts: int, runs: int, tokens: int, gammas: str,
             edge: str = "process", mode_tokens: str = "") -> None:
     g = p.add_argument_group("models and processes")
-    g.add_argument("--target", type=Path, default=None, help="target model for the edge (default: the default pair)")
-    g.add_argument("--draft", type=Path, default=None, help="draft GGUF for the device (default: the Q4_0 draft)")
+    g.add_argument("--family", choices=FAMILIES, default=FAMILIES[0],
+                   help="real pair for the defaults of --target/--draft: smollm2 (SmolLM2-135M, Q4_1 target, "
+                        "Q4_0 draft) or gemma3 (Gemma-3-270M, Q4_K_M target, Q4_0 draft; prepared with "
+                        "`python -m quantize prepare --family gemma3 --accept-gemma-terms`)")
+    g.add_argument("--target", type=Path, default=None, help="target model for the edge (default: the family's)")
+    g.add_argument("--draft", type=Path, default=None, help="draft GGUF for the device (default: the family's Q4_0)")
     g.add_argument("--tiny", action="store_true", help="use tiny random models built on the fly (fast, smoke test)")
     g.add_argument("--edge", choices=("process", "thread"), default=edge,
                    help="edge as a subprocess (python -m edge_service) or a thread in this process")
@@ -218,14 +223,19 @@ def _models(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
 
         pair = build_tiny_pair(out / "tiny_models")
         return pair.target_gguf, pair.draft_gguf
-    from dssd_common.models import default_models
+    from dssd_common.models import default_models, gemma3_models
 
-    d = default_models()
-    target = args.target or d.target_gguf
-    draft = args.draft or d.draft_q4_0_gguf
+    if args.family == "gemma3":
+        g = gemma3_models()
+        target, draft = args.target or g.target_gguf, args.draft or g.draft_gguf
+        prepare = "python -m quantize prepare --family gemma3 --accept-gemma-terms"
+    else:
+        d = default_models()
+        target, draft = args.target or d.target_gguf, args.draft or d.draft_q4_0_gguf
+        prepare = "python -m quantize prepare-default` (or `make models)"
     for path in (target, draft):
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path} not found: run `python -m quantize prepare-default` (or make models)")
+            raise FileNotFoundError(f"{path} not found: run `{prepare}`")
     return Path(target), Path(draft)
 
 

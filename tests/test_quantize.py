@@ -230,12 +230,12 @@ def test_quantize_gguf_tiny(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-q4_0.gguf", "tiny-q8_0.gguf"]
 
     # The cheap validity check used by prepare-default: accepts it, rejects a truncated copy.
-    assert defaults._is_valid_q4_0(dst, reference=src)
+    assert defaults.is_valid_q4_0(dst, reference=src)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(dst.read_bytes()[:-100])
     assert not scan_gguf(cut).complete
-    assert not defaults._is_valid_q4_0(cut, reference=src)
-    assert not defaults._is_valid_q4_0(src, reference=src)  # Q8_0, not Q4_0
+    assert not defaults.is_valid_q4_0(cut, reference=src)
+    assert not defaults.is_valid_q4_0(src, reference=src)  # Q8_0, not Q4_0
     cut.unlink()
 
     f16 = quantize_gguf(src, tmp_path / "tiny-f16.gguf", "f16", progress=False)
