@@ -18,21 +18,25 @@ $(BIN)/python:
 # ---- llama.cpp, built once into a wheel --------------------------------------------------
 # llama-cpp-python ships only as source (3.5-9 min to compile on 2 cores). The wheel is built
 # once into $(WHEELS) and both the main venv and the device-only venv install it from there.
-# Native (-march=native) where that is safe: aarch64 (Pi, Jetson) and x86 without AMX. On
-# x86 CPUs with AMX (Sapphire Rapids and later Xeons) ggml's native AMX code segfaults on
-# quantized models when more than one token is evaluated at once, so GGML_NATIVE stays OFF
-# there (still AVX2/FMA/F16C). Override with LLAMA_NATIVE=ON|OFF, or LLAMA_CMAKE_ARGS.
+# The main venv (an edge box, CI) keeps GGML_NATIVE=OFF: the flags every test here was run
+# with (still AVX2/FMA/F16C). `make device` builds natively where that is safe: aarch64
+# (Pi, Jetson) and x86 without AMX. On x86 CPUs with AMX (Sapphire Rapids and later Xeons)
+# ggml's native AMX code segfaults on quantized models when more than one token is evaluated
+# at once, so the device build stays OFF there too. Override with LLAMA_NATIVE=ON|OFF (main)
+# or DEVICE_NATIVE=ON|OFF (device), or LLAMA_CMAKE_ARGS.
 LLAMA_CPP_VERSION := 0.3.36
 WHEELS ?= .wheels
 CPUINFO ?= /proc/cpuinfo
 CPU_HAS_AMX := $(shell grep -qw -e amx_tile -e amx_int8 $(CPUINFO) 2>/dev/null && echo yes)
 ifeq ($(CPU_HAS_AMX),yes)
-LLAMA_NATIVE ?= OFF
-LLAMA_NATIVE_WHY := x86 CPU with AMX: ggml's native AMX kernels crash on quantized batches, keeping GGML_NATIVE=OFF
+DEVICE_NATIVE ?= OFF
+DEVICE_NATIVE_WHY := x86 CPU with AMX: ggml's native AMX kernels crash on quantized batches, keeping GGML_NATIVE=OFF
 else
-LLAMA_NATIVE ?= ON
-LLAMA_NATIVE_WHY := no AMX on this CPU ($(shell uname -m)): native build is safe
+DEVICE_NATIVE ?= ON
+DEVICE_NATIVE_WHY := no AMX on this CPU ($(shell uname -m)): native build is safe
 endif
+LLAMA_NATIVE ?= OFF
+LLAMA_NATIVE_WHY ?= main venv: the tested flags (make device builds natively where safe)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=$(LLAMA_NATIVE) -DLLAVA_BUILD=OFF
 LLAMA_WHEEL_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
 LLAMA_ARGS_FILE := $(WHEELS)/.cmake-args
@@ -94,13 +98,15 @@ bench: setup
 
 # ---- device-only install (what a Pi or a Jetson needs; no torch, transformers, onnx) ------
 DEVICE_VENV ?= .venv-device
-device: $(LLAMA_WHEEL_STAMP)
+DEVICE_WHEELS ?= .wheels-device
+device: | $(BIN)/python
+	$(MAKE) llama-wheel WHEELS=$(DEVICE_WHEELS) LLAMA_NATIVE=$(DEVICE_NATIVE) LLAMA_NATIVE_WHY="$(DEVICE_NATIVE_WHY)"
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/pip install -q --upgrade pip
-	$(DEVICE_VENV)/bin/pip install --find-links $(WHEELS) -e ".[device]"
+	$(DEVICE_VENV)/bin/pip install --find-links $(DEVICE_WHEELS) -e ".[device]"
 	@du -sh $(DEVICE_VENV)
 	@echo "device venv ready: $(DEVICE_VENV)/bin/python -m device_runtime --help"
 # -------------------------------------------------------------------------------------------
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(WHEELS) models .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) $(WHEELS) $(DEVICE_WHEELS) models .pytest_cache

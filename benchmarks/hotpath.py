@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from protocol.downlink import encode_rejection
+from protocol.logprobs import OFF as LOGPROBS_OFF
 from protocol.sampling import SamplingParams, draw, probabilities
 from protocol.verification import VerdictKind, edge_verify
 
@@ -88,7 +89,8 @@ def _torch_round(logits_t: Any, drafts: np.ndarray, q: np.ndarray) -> None:
 
     batch = drafts.shape[0]
     preps = [PreparedRound(SimpleNamespace(q_draft=q[i], q_rows=None, n_candidates=0),  # type: ignore[arg-type]
-                           SimpleNamespace(sampling=DEFAULT_SETTINGS, mode="dssd", rng=np.random.default_rng(i)),
+                           SimpleNamespace(sampling=DEFAULT_SETTINGS, mode="dssd", rng=np.random.default_rng(i),
+                                           logprobs=LOGPROBS_OFF, constraint=None),
                            [], drafts[i], [], 0.0) for i in range(batch)]
     for prep, (verdict, support) in zip(preps, verify_rounds(preps, logits_t, [GAMMA + 1] * batch)):
         if verdict.kind is VerdictKind.RESAMPLE:

@@ -54,7 +54,7 @@ def test_layers_point_down_only() -> None:
 
 #: Third-party packages the device runtime may import: exactly what `pip install ".[device]"`
 #: brings (tests/test_packaging.py checks the extra), so the device venv never needs more.
-DEVICE_THIRD_PARTY = {"numpy", "llama_cpp", "websockets", "aiohttp"}
+DEVICE_THIRD_PARTY = {"numpy", "llama_cpp", "websockets", "aiohttp", "llguidance"}
 #: Never loaded by the device runtime (a Pi has no torch; `quantize` drags in gguf and pip).
 NOT_ON_DEVICE = {"quantize", "edge_service", "benchmarks", "torch", "transformers", "gguf", "onnx", "onnxruntime",
                  "scipy", "matplotlib", "tqdm", "prometheus_client", "sentencepiece"}

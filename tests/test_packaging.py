@@ -15,7 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: What a device may install, and only that (issue 20): no torch, transformers, onnx, plots.
-DEVICE_PACKAGES = {"llama-cpp-python", "numpy", "websockets", "aiohttp"}
+#: llguidance is the grammar engine both sides apply (protocol/constraints.py): a 10 MB
+#: wheel with no dependencies, built for x86_64 and aarch64.
+DEVICE_PACKAGES = {"llama-cpp-python", "numpy", "websockets", "aiohttp", "llguidance"}
 
 
 def _name(requirement: str) -> str:
@@ -57,13 +59,25 @@ def test_extras_and_requirements_txt_pin_the_same() -> None:
     assert {n: next(iter(s)) for n, s in specs.items()} == reqs
 
 
-@pytest.mark.parametrize("flags, native", [("fpu sse avx2 amx_bf16 amx_tile amx_int8 avx512f", "OFF"),
-                                           ("fpu sse avx2 fma f16c", "ON"), ("fp asimd asimddp", "ON")])
-def test_make_builds_llama_cpp_natively_unless_the_cpu_has_amx(tmp_path: Path, flags: str, native: str) -> None:
+AMX_CPU = "fpu sse avx2 amx_bf16 amx_tile amx_int8 avx512f"
+
+
+@pytest.mark.parametrize("flags, native", [(AMX_CPU, "OFF"), ("fpu sse avx2 fma f16c", "ON"), ("fp asimd asimddp", "ON")])
+def test_make_device_builds_llama_cpp_natively_unless_the_cpu_has_amx(tmp_path: Path, flags: str, native: str) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    plan = subprocess.run(["make", "-n", "-B", "device", f"CPUINFO={cpuinfo}", "DEVICE_WHEELS=" + str(tmp_path / "w"),
+                           "DEVICE_VENV=" + str(tmp_path / "v")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert f'CMAKE_ARGS="-DGGML_NATIVE={native} -DLLAVA_BUILD=OFF"' in plan.stdout
+    assert ("AMX" in plan.stdout) and (("crash" in plan.stdout) == (native == "OFF"))
+
+
+@pytest.mark.parametrize("flags", [AMX_CPU, "fpu sse avx2 fma f16c"])
+def test_the_main_venv_keeps_the_tested_llama_cpp_flags(tmp_path: Path, flags: str) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     plan = subprocess.run(["make", "-n", "-B", "llama-wheel", f"CPUINFO={cpuinfo}", "WHEELS=" + str(tmp_path / "w")],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
-    assert f'CMAKE_ARGS="-DGGML_NATIVE={native} -DLLAVA_BUILD=OFF"' in plan.stdout
-    assert ("AMX" in plan.stdout) and (("crash" in plan.stdout) == (native == "OFF"))
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"' in plan.stdout
