@@ -389,7 +389,7 @@ class DeviceRuntime:
         self.n_ctx = min(d.n_ctx for d in self._drafters)
         self.n_vocab = first.n_vocab
         #: real tokens (protocol.vocab): ids from here on are padding rows no tokenizer produces
-        self.n_tokens = first.n_tokens
+        self.n_real_tokens = first.n_real_tokens
         # the drafter's buffers hold max_gamma + 1 rows; draft() accepts gamma up to that
         self.max_gamma = min(d.max_gamma for d in self._drafters)
         self.max_queue = max_queue
@@ -509,8 +509,8 @@ class DeviceRuntime:
             if isinstance(prompt, (list, tuple)):
                 if not prompt or not all(_is_int(t) for t in prompt):
                     raise RequestError("a token prompt must be a non-empty array of integers", param="prompt")
-                if not all(0 <= t < self.n_tokens for t in prompt):
-                    raise RequestError(f"prompt token ids must be in [0, {self.n_tokens})", param="prompt")
+                if not all(0 <= t < self.n_real_tokens for t in prompt):
+                    raise RequestError(f"prompt token ids must be in [0, {self.n_real_tokens})", param="prompt")
                 prompt = [int(t) for t in prompt]
             elif not isinstance(prompt, str):
                 raise RequestError("prompt must be a string or an array of token ids", param="prompt")
@@ -635,7 +635,7 @@ class DeviceRuntime:
             lp, top = e
             return TokenLogprob(tok, detok([tok]), lp, [(i, detok([i]), v) for i, v in top])
 
-        def on_tokens(ids: list[int], text: str, verified: bool, lps: list | None) -> None:
+        def on_tokens(ids: list[int], text: str, verified: bool, lps: list | None = None) -> None:
             nonlocal emitted
             emitted = True
             ids = [int(t) for t in ids]

@@ -64,10 +64,10 @@ class LlamaDrafter:
         self.llm = self._model.llm  # the public llama_cpp.Llama API: eval, tokenize, metadata
         self.path = path
         self.n_vocab = self._model.n_vocab
-        #: the fingerprint of the real tokens, and their count: ids from `n_tokens` on are
+        #: the fingerprint of the real tokens, and their count: ids from `n_real_tokens` on are
         #: padding rows (a GGUF's ``[PAD<id>]`` entries) that the draft never produces
         self.vocabulary = Vocabulary.of(self._model.vocab_texts(), self.n_vocab)
-        self.n_tokens = int(self.vocabulary.n_tokens or 0)
+        self.n_real_tokens = int(self.vocabulary.n_tokens or 0)
         self.n_ctx = n_ctx
         self._tokens: list[int] = []  # exactly what the KV cache holds
         self._eog: tuple[int, ...] | None = None
@@ -161,7 +161,7 @@ class LlamaDrafter:
         if start < 0 or start and start >= gamma:
             raise ValueError(f"start {start} must be in 0..gamma-1 (gamma {gamma})")
         ids, q_draft, q_rows = self._ids[slot], self._q_draft[slot], self._q_rows[slot]
-        n_tokens = self.n_tokens  # padding ids (protocol.vocab) are never drawn: Q = 0 there
+        n_tokens = self.n_real_tokens  # padding ids (protocol.vocab) are never drawn: Q = 0 there
         if start and constraint is not None:
             raise ValueError("a constrained draft cannot extend a draft made ahead")
         logits = self._logits_after([*committed, *ids[:start].tolist()] if start else committed)

@@ -37,12 +37,13 @@ from protocol.wire import MAX_SEED
 
 log = logging.getLogger(__name__)
 
-#: on_tokens(ids, text, verified, logprobs): committed ids, the text now safe to show,
+#: on_tokens(ids, text, verified[, logprobs]): committed ids, the text now safe to show,
 #: whether the target verified them (False for fallback tokens from the draft alone), and,
-#: for a request with logprobs, the target's (logprob, [(id, logprob)...]) of each id (None
-#: where it is unknown: a fallback token, or one resampled just before a lost edge); else None.
+#: only for a request with logprobs (a fourth argument, so a three-argument callback keeps
+#: working), the target's (logprob, [(id, logprob)...]) of each id (None where it is
+#: unknown: a fallback token, or one resampled just before a lost edge).
 LogprobEntry = tuple[float, list[tuple[int, float]]]
-TokenCallback = Callable[[list[int], str, bool, "list[LogprobEntry | None] | None"], None]
+TokenCallback = Callable[..., None]
 #: Edge errors that mean "the edge is gone for now", not "this request is wrong": worth a
 #: reconnection once the request has run on the edge. AUTH, VOCAB_MISMATCH, VERSION,
 #: LIMIT, ... never heal by retrying; an INTERNAL is retried once, a second one is final.
@@ -337,7 +338,7 @@ class _Output:
         if self._on_tokens is None:
             return
         if self.logprobs is None:
-            self._on_tokens(ids, piece, verified, None)
+            self._on_tokens(ids, piece, verified)
             return
         self._held.append((ids, piece, verified))
         self._flush()

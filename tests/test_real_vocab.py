@@ -111,7 +111,7 @@ def test_the_hf_tokenizer_splits_text_as_llama_cpp(pairs: dict[str, VocabPair], 
         expected = vocabs[family].with_suffix(".gguf.out").read_text(encoding="utf-8").split("\n")
         drafter = LlamaDrafter(pair.draft_gguf, n_ctx=256, n_threads=1, max_gamma=1)
         try:
-            assert drafter.n_tokens == pair.n_tokens and drafter.n_vocab == pair.draft_rows
+            assert drafter.n_real_tokens == pair.n_tokens and drafter.n_vocab == pair.draft_rows
             for text, want in zip(texts, expected):
                 ids = drafter.tokenize(text, add_bos=False)
                 assert hf(text, add_special_tokens=False).input_ids == ids, (family, text)

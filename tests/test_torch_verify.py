@@ -18,6 +18,7 @@ import torch
 
 from edge_service.session import PreparedRound, ProtocolError
 from edge_service.torch_verify import host_rows, verify_rounds
+from protocol.logprobs import OFF as LOGPROBS_OFF
 from protocol import verification
 from protocol.sampling import SamplingParams, probabilities, sample_rows
 from protocol.verification import VerdictKind, device_resample_batch
@@ -83,7 +84,7 @@ def _prep(draft: np.ndarray, rng: np.random.Generator, params: SamplingParams, m
           q_draft: np.ndarray | None = None, q_rows: np.ndarray | None = None) -> PreparedRound:
     """The fields of a PreparedRound that verification reads."""
     msg = SimpleNamespace(q_draft=q_draft, q_rows=q_rows, n_candidates=0)
-    request = SimpleNamespace(sampling=params, mode=mode, rng=rng)
+    request = SimpleNamespace(sampling=params, mode=mode, rng=rng, logprobs=LOGPROBS_OFF, constraint=None)
     return PreparedRound(msg, request, [], np.asarray(draft, np.int64), [], 0.0)  # type: ignore[arg-type]
 
 

@@ -144,7 +144,7 @@ class TorchTargetModel(TargetModel):
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("forward_batch needs distinct sequences")
         for seq, ids in zip(seqs, lists):
-            if not isinstance(seq, TorchSequence) or seq._model is not self:
+            if not isinstance(seq, TorchSequence) or seq.owner is not self:
                 raise ValueError("forward_batch_rows needs sequences of this torch model")
             seq._check_forward(ids)
         torch = self._torch
@@ -180,6 +180,11 @@ class TorchSequence(TargetSequence):
     def __init__(self, model: TorchTargetModel) -> None:
         self._model = model
         self._slot = model.kv_pool.new_slot()
+
+    @property
+    def owner(self) -> "TorchTargetModel":
+        """The model whose KV pool holds this sequence's slot (batches check it)."""
+        return self._model
 
     @property
     def n_cached(self) -> int:
