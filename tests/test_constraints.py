@@ -10,7 +10,6 @@ the unconstrained law, checked below).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
@@ -32,6 +31,7 @@ from protocol import wire
 from protocol.sampling import SamplingParams, probabilities
 from protocol.verification import VerdictKind
 from protocol.vocab import vocab_fingerprint
+from tests.test_logprobs import _run
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
           "required": ["ok", "n"], "additionalProperties": False}
@@ -73,17 +73,6 @@ def reference_constrained_greedy(target, prompt: list[int], spec: cs.GrammarSpec
                              logits_processor=LogitsProcessorList([GrammarProcessor(target_constraint(target, spec),
                                                                                     len(prompt))]))
     return out[0, len(prompt) :].tolist()
-
-
-def _run(drafter: LlamaDrafter, url: str, prompt: list[int], configs: list[GenerationConfig]) -> list:
-    async def go() -> list:
-        c = DeviceClient(drafter, url, client_name="pytest")
-        try:
-            return [await c.generate(prompt, cfg) for cfg in configs]
-        finally:
-            await c.close()
-
-    return asyncio.run(go())
 
 
 # -- pure ---------------------------------------------------------------------------------
