@@ -105,6 +105,12 @@ def describe_connect_error(url: str, exc: BaseException) -> EdgeUnreachable:
             return EdgeUnreachable(url, f"the server answered HTTP {status} (a draining edge, or a load "
                                    "balancer with no edge available right now)", permanent=False, unavailable=True)
         return EdgeUnreachable(url, f"not a DSSD edge: the server answered HTTP {status}", permanent=True)
+    if (isinstance(exc, ConnectionError) and not isinstance(exc, ConnectionRefusedError)
+            and "Connect call failed" in str(exc)):  # asyncio's message for the TCP connect itself
+        # no server spoke yet: a listener closing under us (an edge shutting down) resets
+        # the connect instead of refusing it, depending on timing. Transient, like refused.
+        return EdgeUnreachable(url, f"the TCP connection failed ({exc.strerror or exc}); is the edge running?",
+                               permanent=False)
     if isinstance(exc, (InvalidHandshake, EOFError)) or (isinstance(exc, ConnectionError) and not
                                                           isinstance(exc, ConnectionRefusedError)):
         hint = "" if tls else " (if the edge serves TLS, use wss://)"
