@@ -5,10 +5,13 @@ edge's real `VerifyScheduler` on one model worker thread, in this process (no so
 this measures scheduling and forwards, not the network). First `--rounds` rounds each
 without any prefill (the baseline), then a ninth session Starts with a `--prompt`-token
 (2,000) prompt while the eight keep going. Every round that overlaps the prefill is
-"during". Per `--prefill-chunk` setting (0: the whole prefill as one worker job, i.e. not
-chunked): p50/p99/max round latency during the prefill and their ratio to the same
-sessions' baseline p99 in the same setting, medians over `--repeats` (settings
-interleaved). Writes prefill.csv / prefill.json to --out.
+"during". Per `--configs` setting `CHUNK:BUDGET` (`BatchConfig.prefill_chunk` and
+`token_budget`; 0:0 is the unchunked baseline, the whole prompt in one forward; 256:0
+pieces of 256 tokens whatever the batch holds; 256:64 the default, pieces that fill what
+the rounds leave of a 64-token forward): p50/p99/max round latency during the prefill and
+their ratio to the same sessions' baseline p99 in the same setting, and the prefill's own
+time, medians over `--repeats` (settings interleaved). Writes prefill.csv / prefill.json
+to --out.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def _p(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-async def _one(model: Any, chunk: int, sessions: int, prompt: int, rounds: int, seed: int) -> dict[str, float]:
+async def _one(model: Any, chunk: int, budget: int, sessions: int, prompt: int, rounds: int, seed: int) -> dict[str, float]:
     from edge_service.scheduler import BatchConfig, VerifyScheduler
     from edge_service.session import EdgeLimits, EdgeSession
 
@@ -48,7 +51,7 @@ async def _one(model: Any, chunk: int, sessions: int, prompt: int, rounds: int, 
         return await loop.run_in_executor(pool, fn, *args)
 
     limits = EdgeLimits(max_new_tokens=4096, max_gamma=GAMMA)
-    sched = VerifyScheduler(model, BatchConfig(prefill_chunk=chunk), run, active=lambda: sessions + 1)
+    sched = VerifyScheduler(model, BatchConfig(prefill_chunk=chunk, token_budget=budget), run, active=lambda: sessions + 1)
 
     def session(sid: int, n_prompt: int) -> tuple[EdgeSession, wire.Start]:
         s = EdgeSession(model, limits, sid)
@@ -98,33 +101,40 @@ async def _one(model: Any, chunk: int, sessions: int, prompt: int, rounds: int, 
             "prefill_s": b - a}
 
 
-def run(target: Path, sessions: int, prompt: int, chunks: list[int], rounds: int, repeats: int) -> list[dict]:
+def run(target: Path, sessions: int, prompt: int, configs: list[tuple[int, int]], rounds: int,
+        repeats: int) -> list[dict]:
     import torch
 
     from edge_service.backends.torch_backend import TorchTargetModel
 
     torch.set_num_threads(1)
     model = TorchTargetModel(target, threads=1)
-    raw: dict[int, list[dict[str, float]]] = {c: [] for c in chunks}
-    asyncio.run(_one(model, chunks[-1], sessions, 64, 2, 0))  # warm-up
+    raw: dict[tuple[int, int], list[dict[str, float]]] = {c: [] for c in configs}
+    asyncio.run(_one(model, *configs[-1], sessions, 64, 2, 0))  # warm-up
     for rep in range(repeats):
-        for chunk in (chunks if rep % 2 == 0 else chunks[::-1]):
-            raw[chunk].append(asyncio.run(_one(model, chunk, sessions, prompt, rounds, rep)))
+        for config in (configs if rep % 2 == 0 else configs[::-1]):
+            raw[config].append(asyncio.run(_one(model, *config, sessions, prompt, rounds, rep)))
     rows = []
-    for chunk in chunks:
-        med = {k: statistics.median(r[k] for r in raw[chunk]) for k in raw[chunk][0]}
-        med["ratio_p99_vs_baseline"] = statistics.median(r["during_p99_s"] / r["baseline_p99_s"] for r in raw[chunk])
-        rows.append({"prefill_chunk": chunk, "sessions": sessions, "prompt_tokens": prompt,
-                     "repeats": repeats, **med})
+    for config in configs:
+        med = {k: statistics.median(r[k] for r in raw[config]) for k in raw[config][0]}
+        med["ratio_p99_vs_baseline"] = statistics.median(r["during_p99_s"] / r["baseline_p99_s"] for r in raw[config])
+        rows.append({"prefill_chunk": config[0], "token_budget": config[1], "sessions": sessions,
+                     "prompt_tokens": prompt, "repeats": repeats, **med})
     return rows
+
+
+def parse_config(text: str) -> tuple[int, int]:
+    """`CHUNK:BUDGET` (or `CHUNK`, no budget) as two ints."""
+    chunk, _, budget = text.strip().partition(":")
+    return int(chunk), int(budget or 0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=Path, default=None, help="target model (default: the default pair's)")
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--prompt", type=int, default=2000, help="tokens of the arriving prompt")
-    p.add_argument("--prefill-chunk", default="0,256,64,32",
-                   help="comma list of chunk sizes to compare (0: not chunked)")
+    p.add_argument("--configs", default="0:0,256:0,32:0,256:64,256:48",
+                   help="comma list of PREFILL_CHUNK:TOKEN_BUDGET settings to compare (0:0: not chunked)")
     p.add_argument("--rounds", type=int, default=6, help="baseline rounds per session before the prompt arrives")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench-results/prefill"))
@@ -135,8 +145,8 @@ def main(args: argparse.Namespace) -> int:
     from quantize.defaults import default_models
 
     target = Path(args.target or default_models().target_gguf)
-    chunks = [int(x) for x in args.prefill_chunk.split(",") if x.strip()]
-    rows = run(target, args.sessions, args.prompt, chunks, args.rounds, args.repeats)
+    configs = [parse_config(x) for x in args.configs.split(",") if x.strip()]
+    rows = run(target, args.sessions, args.prompt, configs, args.rounds, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefill.json").write_text(json.dumps(rows, indent=1) + "\n")
     with open(args.out / "prefill.csv", "w", newline="") as f:
@@ -146,10 +156,10 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print("| prefill chunk | baseline p99 ms | during p50 ms | during p99 ms | p99 ratio | prefill s |\n"
-              "|--:|--:|--:|--:|--:|--:|")
+        print("| prefill chunk | token budget | baseline p99 ms | during p50 ms | during p99 ms | p99 ratio | prefill s |\n"
+              "|--:|--:|--:|--:|--:|--:|--:|")
         for r in rows:
-            print(f"| {r['prefill_chunk'] or 'none'} | {1000 * r['baseline_p99_s']:.0f} | {1000 * r['during_p50_s']:.0f} "
+            print(f"| {r['prefill_chunk'] or 'none'} | {r['token_budget'] or 'none'} | {1000 * r['baseline_p99_s']:.0f} | {1000 * r['during_p50_s']:.0f} "
                   f"| {1000 * r['during_p99_s']:.0f} | {r['ratio_p99_vs_baseline']:.2f}x | {r['prefill_s']:.1f} |")
     print(f"results in {args.out}/ (prefill.csv, prefill.json)", file=sys.stderr)
     return 0

@@ -56,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache memory all sessions may reserve together (torch backend); a Start that "
                         "does not fit after evicting idle sessions' caches is refused with LIMIT "
                         "(default: no budget)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens per prefill job; other sessions' batches run between chunks "
-                        "(0: a whole prompt in one job)")
+    p.add_argument("--prefill-chunk", type=int, default=BatchConfig.prefill_chunk,
+                   help="most prompt tokens one forward prefills; prompts are prefilled in pieces "
+                        "inside the verification batches (0: a whole prompt in one forward)")
+    p.add_argument("--token-budget", type=int, default=BatchConfig.token_budget,
+                   help="most tokens in one forward while other sessions are connected: a prompt's "
+                        "prefill piece fills what the batch's rounds leave, so a long prompt delays "
+                        "the others' rounds by little (0: no budget, pieces of --prefill-chunk)")
     p.add_argument("--no-batch-edge-only", action="store_true",
                    help="run edge-only decode steps one forward each instead of in the batches")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -99,6 +103,7 @@ async def _serve(args: argparse.Namespace) -> None:
         max_unauthenticated=args.max_unauthenticated, work_tokens_per_s=args.work_rate,
         batching=BatchConfig(enabled=not args.no_batching, window_ms=args.batch_window_ms,
                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                             token_budget=args.token_budget,
                              batch_edge_only=not args.no_batch_edge_only),
         metrics_port=args.metrics_port, replica_id=args.replica_id,
     )

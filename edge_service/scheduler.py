@@ -26,14 +26,24 @@ batching); a lone round with an idle worker waits at most `window_ms`.
 
 Edge-only decode steps (`step`) join the same queue and the same forwards as the rounds
 (continuous batching: one pending token and one logits row each), unless
-`batch_edge_only` is off. A `Start` (`start`) runs as separate worker jobs: validation
-and the KV reservation, then one job per `prefill_chunk` prompt tokens, then the
-request's setup; batches queued while a chunk runs go before the next chunk, so a long
-prompt delays the other sessions by at most one chunk.
+`batch_edge_only` is off.
+
+A `Start` (`start`) is validated and its KV reserved in one worker job; its prompt is
+then prefilled in pieces that ride in the same forwards as the rounds (vLLM-style
+chunked prefill, keeping no logits), and the request is set up in a last job. Why: a
+prefill that runs as a forward of its own makes every round that arrives meanwhile wait
+for it, and on a CPU edge even a 32-token chunk costs about what a batch of 8 rounds
+does (p99 of those rounds 1.9x their usual, `python -m benchmarks prefill`). The piece
+size follows a per-forward token budget (`token_budget`): a forward that carries rounds
+gets what they leave of the budget (at least a quarter of it, so a full queue cannot
+starve a prompt), and a forward with no round in it gets the whole budget while other
+sessions are connected (a round that arrives meanwhile waits for one forward of
+`token_budget` tokens at most), or `prefill_chunk` tokens when the prompt's session is
+alone. Several prompts being prefilled share a forward's piece in arrival order.
 
 Fairness: each session has at most one round or step in flight (the protocol is
 request-reply), batches are taken first-in first-out, so a round waits for at most
-ceil(sessions / max_batch) batches plus the one running and one prefill chunk. `More`
+ceil(sessions / max_batch) batches plus the one running. `More`
 and `End` go through the same worker queue, in arrival order, between batches.
 """
 from __future__ import annotations
@@ -47,7 +57,7 @@ from typing import Any, Awaitable, Callable
 
 from edge_service.backends.base import TargetModel
 from edge_service.metrics import EdgeMetrics
-from edge_service.session import EdgeSession, PreparedRound, PreparedStep, ProtocolError
+from edge_service.session import PREFILL_CHUNK, EdgeSession, PreparedRound, PreparedStep, ProtocolError
 from protocol import wire
 from protocol.wire import ErrorCode
 
@@ -64,10 +74,13 @@ class BatchConfig:
     #: verify on the logits' device (edge_service.torch_verify) when the backend is torch;
     #: False: logits to the host, numpy (the reference path, and the ONNX backend's)
     torch_verify: bool = True
-    #: prompt tokens per prefill job on the worker; other sessions' batches run between
-    #: jobs, so a long prompt delays them by at most one chunk. 0: a Start's whole
-    #: prefill is one job (the unchunked baseline)
-    prefill_chunk: int = 256
+    #: most prompt tokens one forward prefills (0: a whole prompt in one forward, the
+    #: unchunked baseline)
+    prefill_chunk: int = PREFILL_CHUNK
+    #: most tokens (rounds' plus prefill) in a forward while other sessions are
+    #: connected: prefill pieces fill what the rounds leave (at least a quarter of it).
+    #: 0: no budget, prefill pieces of `prefill_chunk` whatever else the forward holds
+    token_budget: int = 64
     #: edge-only decode steps join the verification batches (continuous batching);
     #: False: each step is its own forward on the worker
     batch_edge_only: bool = True
@@ -79,10 +92,28 @@ class BatchConfig:
             raise ValueError("max_batch must be >= 1")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0")
+        if self.token_budget < 0:
+            raise ValueError("token_budget must be >= 0")
 
     @property
     def effective_max_batch(self) -> int:
         return self.max_batch if self.enabled else 1
+
+    def prefill_tokens(self, round_tokens: int, shared: bool) -> int:
+        """Prompt tokens a forward may prefill next to `round_tokens` tokens of rounds;
+        `shared`: other sessions are connected (their rounds would wait for it)."""
+        cap = self.prefill_chunk or (1 << 62)
+        if self.token_budget and (shared or round_tokens):
+            cap = min(cap, max(self.token_budget - round_tokens, self.token_budget // 4, 1))
+        return cap
+
+
+@dataclass
+class _Prefill:
+    """A session whose Start is being prefilled, in pieces inside the batches."""
+
+    session: EdgeSession
+    future: asyncio.Future  # set to None when the prompt is in the cache
 
 
 @dataclass
@@ -119,13 +150,16 @@ class VerifyScheduler:
         self._metrics = metrics
         self._active = active
         self._queue: collections.deque[_Job] = collections.deque()
+        self._prefills: list[_Prefill] = []  # Starts being prefilled, in arrival order
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
         self._free_since = 0.0  # when the previous batch finished
-        self._prefilling = 0  # sessions inside a chunked Start (they cannot join a batch)
+        self._prefilling = 0  # sessions inside a Start (they cannot join a batch)
         self.batches = 0  # forwards run (for tests and logs)
         self.rounds = 0
+        self.prefill_tokens_with_rounds = 0  # prompt tokens prefilled in forwards that carried rounds
+        self.max_tokens_with_rounds = 0  # most tokens in one forward that carried rounds
         from edge_service.backends.torch_backend import TorchTargetModel
 
         self._torch_verify = config.torch_verify and isinstance(model, TorchTargetModel)
@@ -142,35 +176,41 @@ class VerifyScheduler:
         return await self._enqueue(session, None)
 
     async def start(self, session: EdgeSession, msg: wire.Start) -> list[wire.Message]:
-        """A Start, its prompt prefilled in jobs of `prefill_chunk` tokens on the worker.
-
-        Each chunk is its own worker job, so batches queued while a chunk runs go before
-        the next chunk: the head-of-line delay a long prompt causes the other sessions
-        is one chunk, not the whole prompt.
-        """
-        chunk = self.config.prefill_chunk
-        if not chunk:
-            return await self._run(session.start, msg)
+        """A Start: validated and its KV reserved on the worker, its prompt prefilled in
+        pieces inside the batches (see the module docstring), then the request set up."""
         self._prefilling += 1
         try:
             await self._run(session.begin_start, msg)
-            while await self._run(session.prefill_step, chunk):
-                pass
-            return await self._run(session.finish_start)
+            try:
+                if session.prefill_remaining:
+                    future = self._loop_future()
+                    self._prefills.append(_Prefill(session, future))
+                    self._wake_dispatcher()
+                    await future
+                return await self._run(session.finish_start)
+            except BaseException:
+                session.abort_start()
+                raise
         finally:
             self._prefilling -= 1
 
-    async def _enqueue(self, session: EdgeSession, msg: wire.Draft | None) -> Any:
+    def _loop_future(self) -> asyncio.Future:
         if self._closed:
             raise ProtocolError(ErrorCode.SHUTDOWN, "the edge is shutting down")
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._dispatch_loop(), name="verify-scheduler")
-        job = _Job(session, msg, loop.create_future(), time.perf_counter())
-        self._queue.append(job)
+        return loop.create_future()
+
+    def _wake_dispatcher(self) -> None:
         assert self._wake is not None
         self._wake.set()
+
+    async def _enqueue(self, session: EdgeSession, msg: wire.Draft | None) -> Any:
+        job = _Job(session, msg, self._loop_future(), time.perf_counter())
+        self._queue.append(job)
+        self._wake_dispatcher()
         return await job.future
 
     async def close(self) -> None:
@@ -183,10 +223,12 @@ class VerifyScheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():
-                job.future.set_exception(ProtocolError(ErrorCode.SHUTDOWN, "the edge is shutting down"))
+        waiting = [job.future for job in self._queue] + [p.future for p in self._prefills]
+        self._queue.clear()
+        self._prefills.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(ProtocolError(ErrorCode.SHUTDOWN, "the edge is shutting down"))
 
     # -- dispatcher (event loop) --------------------------------------------------------
 
@@ -196,15 +238,24 @@ class VerifyScheduler:
             return True
         return self._active is not None and n >= self._active() - self._prefilling
 
+    def _shared(self) -> bool:
+        """Other sessions than the ones prefilling are connected (they may send rounds)."""
+        return self._active is None or self._active() > self._prefilling
+
     async def _dispatch_loop(self) -> None:
         assert self._wake is not None
         window = self.config.window_ms / 1000.0 if self.config.enabled else 0.0
         while True:
-            while not self._queue:
+            self._prefills = [p for p in self._prefills if not p.future.done()]  # clients gone
+            while not self._queue and not self._prefills:
                 self._wake.clear()
                 await self._wake.wait()
-            while not self._full():
-                remaining = max(self._queue[0].t_arrival, self._free_since) + window - time.perf_counter()
+                self._prefills = [p for p in self._prefills if not p.future.done()]
+            # wait for company: rounds for a batch, or rounds to carry a prefill piece
+            # (when nobody else is connected, a prefill does not wait)
+            while not self._full() and (self._queue or self._shared()):
+                since = self._queue[0].t_arrival if self._queue else 0.0
+                remaining = max(since, self._free_since) + window - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._wake.clear()
@@ -217,17 +268,18 @@ class VerifyScheduler:
                 job = self._queue.popleft()
                 if not job.future.done():  # a cancelled waiter (connection gone) is skipped
                     batch.append(job)
-            if not batch:
+            prefills = [p for p in self._prefills if not p.future.done()]
+            if not batch and not prefills:
                 continue
             try:
-                results = await self._run(self._execute, batch)
+                results, finished = await self._run(self._execute, batch, prefills, self._shared())
             except asyncio.CancelledError:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(ProtocolError(ErrorCode.SHUTDOWN, "the edge is shutting down"))
                 raise
             except BaseException as exc:  # noqa: BLE001 - each waiter gets the failure
-                results = [exc] * len(batch)
+                results, finished = [exc] * len(batch), [(p, exc) for p in prefills]
             now = self._free_since = time.perf_counter()
             for job, result in zip(batch, results):
                 if job.future.done():
@@ -238,14 +290,26 @@ class VerifyScheduler:
                     job.future.set_result(result)
                 if self._metrics is not None and job.msg is not None:
                     self._metrics.verify_latency.observe(now - job.t_arrival)
+            for prefill, outcome in finished:
+                if prefill in self._prefills:
+                    self._prefills.remove(prefill)
+                if not prefill.future.done():
+                    if outcome is None:
+                        prefill.future.set_result(None)
+                    else:
+                        prefill.future.set_exception(outcome)
 
     # -- one batch (model worker thread) ---------------------------------------------
 
-    def _execute(self, batch: list[_Job]) -> list[Any]:
-        """Prepare, forward together, finish; one result (reply or exception) per job.
+    def _execute(self, batch: list[_Job], prefills: list[_Prefill], shared: bool
+                 ) -> tuple[list[Any], list[tuple[_Prefill, BaseException | None]]]:
+        """Prepare, forward together, finish. Returns one result (reply or exception)
+        per job, and the prefills that ended in this forward: (prefill, None) when its
+        prompt is all in the cache, (prefill, exception) when it failed.
 
         Verification rounds come first in the forward, edge-only steps after them, so
-        the rounds' logits rows are one contiguous block.
+        the rounds' logits rows are one contiguous block; prefill pieces come last and
+        keep no logits rows.
         """
         results: list[Any] = [None] * len(batch)
         ready: list[tuple[int, PreparedRound]] = []
@@ -258,33 +322,73 @@ class VerifyScheduler:
                     ready.append((k, job.session.prepare_verify(job.msg)))
             except Exception as exc:  # noqa: BLE001 - a refused round fails alone
                 results[k] = exc
-        jobs = ready + steps
-        if not jobs:
-            return results
-        sequences = [batch[k].session.sequence for k, _ in jobs]
-        if self._torch_verify:
-            return self._execute_torch(batch, ready, steps, sequences, results)
+        jobs: list[tuple[int, Any]] = [*ready, *steps]
+        finished: list[tuple[_Prefill, BaseException | None]] = []
+        pieces = self._prefill_pieces(prefills, [batch[k].session for k, _ in jobs],
+                                      sum(len(p.new_ids) for _, p in jobs), shared, finished)
+        if not jobs and not pieces:
+            return results, finished
+        sequences = [batch[k].session.sequence for k, _ in jobs] + [p.session.sequence for p, _ in pieces]
+        new_ids = [p.new_ids for _, p in jobs] + [ids for _, ids in pieces]
+        n_rows = [p.n_rows for _, p in jobs] + [0] * len(pieces)
         t0 = time.perf_counter()
         try:
-            if len(jobs) == 1:
+            if self._torch_verify:
+                rows, counts = self.model.forward_batch_rows(sequences, new_ids, n_rows)  # type: ignore[attr-defined]
+            elif len(sequences) == 1:
                 seq = sequences[0]
                 assert seq is not None
-                all_logits = [seq.forward(jobs[0][1].new_ids, jobs[0][1].n_rows)]
+                per_job = [seq.forward(new_ids[0], n_rows[0])]
             else:
-                all_logits = self.model.forward_batch(
-                    sequences, [prep.new_ids for _, prep in jobs], [prep.n_rows for _, prep in jobs]
-                )
-        except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
-            return _fail_forward(jobs, results, exc)
+                per_job = self.model.forward_batch(sequences, new_ids, n_rows)
+        except Exception as exc:  # noqa: BLE001 - everything in this forward fails (INTERNAL)
+            log.exception("forward of %d rounds and %d prefill pieces failed", len(jobs), len(pieces))
+            for k, _ in jobs:
+                results[k] = exc
+            finished.extend((p, exc) for p, _ in pieces)
+            return results, finished
         self._record(len(jobs), t0)
-        for (k, prep), logits in zip(ready, all_logits):
+        if jobs:
+            self.prefill_tokens_with_rounds += sum(len(ids) for _, ids in pieces)
+            self.max_tokens_with_rounds = max(self.max_tokens_with_rounds, sum(map(len, new_ids)))
+        for prefill, ids in pieces:
+            prefill.session.absorb_prefill(ids)
+            if not prefill.session.prefill_remaining:
+                finished.append((prefill, None))
+        if self._torch_verify:
+            self._finish_torch(batch, ready, steps, rows, counts[: len(ready)], results)
+            return results, finished
+        for (k, prep), logits in zip(ready, per_job):
             try:
                 results[k] = batch[k].session.finish_verify(prep, logits)
             except Exception as exc:  # noqa: BLE001
                 results[k] = exc
-        for (k, step), logits in zip(steps, all_logits[len(ready):]):
+        for (k, step), logits in zip(steps, per_job[len(ready):]):
             results[k] = self._finish_step(batch[k].session, step, logits[0])
-        return results
+        return results, finished
+
+    def _prefill_pieces(self, prefills: list[_Prefill], in_forward: list[EdgeSession], round_tokens: int,
+                        shared: bool, finished: list) -> list[tuple[_Prefill, list[int]]]:
+        """The prompt ids each prefilling session feeds in this forward, within the
+        token budget (`BatchConfig.prefill_tokens`), in arrival order."""
+        room = self.config.prefill_tokens(round_tokens, shared)
+        pieces: list[tuple[_Prefill, list[int]]] = []
+        for prefill in prefills:
+            if room <= 0:
+                break
+            if prefill.session in in_forward:  # cannot happen with request-reply clients
+                continue
+            try:
+                ids = prefill.session.prefill_ids(room)
+            except Exception as exc:  # noqa: BLE001 - this Start fails alone
+                finished.append((prefill, exc))
+                continue
+            if not ids:  # nothing left (a prefix was reused meanwhile)
+                finished.append((prefill, None))
+                continue
+            pieces.append((prefill, ids))
+            room -= len(ids)
+        return pieces
 
     @staticmethod
     def _finish_step(session: EdgeSession, step: PreparedStep, row: Any) -> Any:
@@ -296,35 +400,27 @@ class VerifyScheduler:
     def _record(self, n_rounds: int, t0: float) -> None:
         if self._metrics is not None:
             self._metrics.forward_seconds.observe(time.perf_counter() - t0)
-            self._metrics.batch_size.observe(n_rounds)
+            if n_rounds:  # a forward of prefill pieces only is not a batch of rounds
+                self._metrics.batch_size.observe(n_rounds)
         self.batches += 1
         self.rounds += n_rounds
 
-    def _execute_torch(self, batch: list[_Job], ready: list[tuple[int, PreparedRound]],
-                       steps: list[tuple[int, PreparedStep]], sequences: list, results: list[Any]) -> list[Any]:
-        """`_execute` with the logits left on the model's device and verified there."""
+    def _finish_torch(self, batch: list[_Job], ready: list[tuple[int, PreparedRound]],
+                      steps: list[tuple[int, PreparedStep]], all_logits: Any, counts: list[int],
+                      results: list[Any]) -> None:
+        """The torch forward's kept rows (rounds' first, then one per step), verified on
+        the logits' device (edge_service.torch_verify)."""
         from edge_service import torch_verify
 
-        preps = [prep for _, prep in ready]
-        jobs = ready + steps
-        t0 = time.perf_counter()
-        try:
-            all_logits, all_counts = self.model.forward_batch_rows(  # type: ignore[attr-defined]
-                sequences, [p.new_ids for _, p in jobs], [p.n_rows for _, p in jobs])
-        except Exception as exc:  # noqa: BLE001 - every round of this forward fails (INTERNAL)
-            return _fail_forward(jobs, results, exc)
-        self._record(len(jobs), t0)
-        counts = all_counts[: len(ready)]
         n_rows = sum(counts)
-        logits = all_logits[:n_rows]
         if steps:  # one row each: the host's edge-only sampling reads it whole
-            step_rows = all_logits[n_rows:].float().cpu().numpy()
+            step_rows = all_logits[n_rows : n_rows + len(steps)].float().cpu().numpy()
             for (k, step), row in zip(steps, step_rows):
                 results[k] = self._finish_step(batch[k].session, step, row)
         if not ready:
-            return results
+            return
         try:
-            decided = torch_verify.verify_rounds(preps, logits, counts)
+            decided = torch_verify.verify_rounds([prep for _, prep in ready], all_logits[:n_rows], counts)
         except Exception as exc:  # noqa: BLE001 - a bug: every round fails, the caches stay true
             log.exception("verification of %d rounds failed", len(ready))
             decided = [exc] * len(ready)
@@ -338,12 +434,3 @@ class VerifyScheduler:
                 results[k] = session.apply_verdict(prep, *decision)
             except Exception as exc:  # noqa: BLE001
                 results[k] = exc
-        return results
-
-
-def _fail_forward(ready: list[tuple[int, Any]], results: list[Any], exc: Exception) -> list[Any]:
-    """A batched forward failed: every round it carried gets the failure (INTERNAL)."""
-    log.exception("verification forward of %d rounds failed", len(ready), exc_info=exc)
-    for k, _ in ready:
-        results[k] = exc
-    return results

@@ -300,18 +300,39 @@ class EdgeSession:
 
     def prefill_step(self, max_tokens: int = PREFILL_CHUNK) -> bool:
         """(b) Prefill the next at most `max_tokens` prompt tokens of the Start begun by
-        `begin_start`; True while more remain. The scheduler interleaves these chunks
-        with other sessions' verification batches."""
-        if self._starting is None:
-            raise ProtocolError(ErrorCode.UNEXPECTED, "no Start is being prefilled")
-        ids = self._starting[1]
-        done = len(self._cached)
-        chunk = ids[done : min(done + max_tokens, len(ids) - 1)]
+        `begin_start` in a forward of its own; True while more remain."""
+        chunk = self.prefill_ids(max_tokens)
         if chunk:
             assert self._seq is not None
             self._seq.forward(chunk, keep=0)  # a prefill uses no logits
-            self._cached.extend(chunk)
-        return len(self._cached) < len(ids) - 1
+            self.absorb_prefill(chunk)
+        return self.prefill_remaining > 0
+
+    @property
+    def prefill_remaining(self) -> int:
+        """Prompt tokens the Start being prefilled still has to put in the cache (0: none,
+        or no Start is being prefilled)."""
+        if self._starting is None:
+            return 0
+        return len(self._starting[1]) - 1 - len(self._cached)
+
+    def prefill_ids(self, max_tokens: int) -> list[int]:
+        """(b1) The next at most `max_tokens` prompt ids to prefill. The scheduler feeds
+        them, with no logits kept, in the same forward as other sessions' rounds
+        (`edge_service.scheduler`), then calls `absorb_prefill`."""
+        if self._starting is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "no Start is being prefilled")
+        done = len(self._cached)
+        return self._starting[1][done : done + min(max_tokens, self.prefill_remaining)]
+
+    def absorb_prefill(self, ids: list[int]) -> None:
+        """(b2) `ids` (from `prefill_ids`) went through a forward: the cache holds them."""
+        self._cached.extend(ids)
+
+    def abort_start(self) -> None:
+        """The Start being prefilled failed (its forward did, or its client left): forget
+        it; what the cache holds of its prompt stays reusable (`_cached` says what)."""
+        self._starting = None
 
     def finish_start(self) -> list[wire.Message]:
         """(c) The prompt is in the cache: the request begins."""

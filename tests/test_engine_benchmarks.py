@@ -28,8 +28,9 @@ def test_kv_benchmark_on_the_tiny_model(tiny_pair) -> None:  # noqa: ANN001
 
 
 def test_prefill_benchmark_on_the_tiny_model(tiny_pair) -> None:  # noqa: ANN001
-    rows = prefill_hol.run(tiny_pair.target_gguf, sessions=3, prompt=120, chunks=[0, 16], rounds=2, repeats=1)
-    assert [r["prefill_chunk"] for r in rows] == [0, 16]
+    rows = prefill_hol.run(tiny_pair.target_gguf, sessions=3, prompt=120, configs=[(0, 0), (16, 24)], rounds=2,
+                           repeats=1)
+    assert [(r["prefill_chunk"], r["token_budget"]) for r in rows] == [(0, 0), (16, 24)]
     assert all(r["during_rounds"] >= 1 and r["prefill_s"] > 0 for r in rows)
 
 

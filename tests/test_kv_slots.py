@@ -10,7 +10,10 @@
   (least recently used first) to make room, and an evicted session resumes by re-prefill
   with the same logits;
 * edge-only steps batched with verification rounds, and chunked Starts interleaved with
-  them, give the replies of the unbatched session.
+  them, give the replies of the unbatched session;
+* a prompt that arrives while other sessions run rounds is prefilled in pieces inside
+  their forwards, within the token budget, and both sides' replies stay those of the
+  unbatched sessions.
 """
 from __future__ import annotations
 
@@ -242,6 +245,73 @@ def test_edge_only_steps_and_chunked_starts_join_the_batches(tiny_target: TorchT
                 assert batched[i]._cached == alone[i]._cached
         assert sched.rounds == 6 * len(specs)  # every step and round went through the batches
         assert sched.batches < sched.rounds
+        await sched.close()
+
+    asyncio.run(go())
+    pool.shutdown()
+    for s in alone + batched:
+        s.close()
+
+
+def test_a_prompt_is_prefilled_inside_the_rounds_forwards_within_the_token_budget(
+        tiny_target: TorchTargetModel) -> None:
+    rng = np.random.default_rng(9)
+    n_vocab = tiny_target.n_vocab
+    budget, gamma = 24, 3
+    prompts = [rng.integers(0, n_vocab, n).tolist() for n in (5, 12, 8, 100)]
+    specs = [GREEDY, SamplingParams(1.0, top_k=6), GREEDY, GREEDY]
+    alone = [_session(tiny_target, i + 1) for i in range(4)]
+    batched = [_session(tiny_target, i + 1) for i in range(4)]
+    for s, p, sp, i in zip(alone, prompts, specs, range(4)):
+        s.start(_start(p, "dssd", sp, seed=i, max_new=64))
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def run(fn, *args):  # noqa: ANN001, ANN202
+            return await loop.run_in_executor(pool, fn, *args)
+
+        # a long window: a forward of prefill pieces alone would wait for the rounds; the
+        # newcomer counts as connected once its Start is done (the batches do not wait for it)
+        joined: list[bool] = []
+        sched = VerifyScheduler(tiny_target, BatchConfig(window_ms=10_000, max_batch=8, prefill_chunk=256,
+                                                         token_budget=budget), run, active=lambda: 3 + len(joined))
+        for i in range(3):  # (through the scheduler, each would wait the window for rounds)
+            await run(batched[i].start, _start(prompts[i], "dssd", specs[i], seed=i, max_new=64))
+        committed = [len(p) for p in prompts]
+        prefix: list[list[int]] = [[] for _ in range(4)]
+
+        async def rounds(members: list[int]) -> None:
+            msgs = []
+            for i in members:
+                q = None if specs[i].greedy else rng.uniform(0.1, 1, gamma).astype(np.float32)
+                draft = rng.integers(0, n_vocab, gamma).astype(np.int32)
+                msgs.append(wire.Draft(committed[i] + len(prefix[i]), np.asarray(prefix[i], np.int32), draft, q,
+                                       None))
+            got = await asyncio.gather(*(sched.submit(batched[i], m) for i, m in zip(members, msgs)))
+            for i, reply, msg in zip(members, got, msgs):
+                want = alone[i].verify(msg)
+                assert (reply.kind, reply.n_accepted, reply.token) == (want.kind, want.n_accepted, want.token)
+                committed[i] += len(prefix[i]) + reply.n_accepted
+                if reply.kind is VerdictKind.RESAMPLE:
+                    tok = int(reply.p_ids[0]) if reply.p_ids is not None else int(np.argmax(reply.p_full))
+                    prefix[i] = [tok]
+                else:
+                    committed[i] += 1
+                    prefix[i] = []
+                assert batched[i]._cached == alone[i]._cached
+
+        newcomer = asyncio.ensure_future(sched.start(batched[3], _start(prompts[3], "dssd", specs[3], seed=3, max_new=64)))
+        while not newcomer.done():
+            await rounds([0, 1, 2])
+        await newcomer
+        joined.append(True)
+        assert batched[3]._cached == prompts[3][:-1]
+        assert sched.prefill_tokens_with_rounds > 0
+        assert sched.max_tokens_with_rounds <= budget
+        for _ in range(3):  # the newcomer's cache is the unbatched one's: same verdicts
+            await rounds([0, 1, 2, 3])
         await sched.close()
 
     asyncio.run(go())
