@@ -327,11 +327,12 @@ def measure(edge: EdgeProcess, trace: Trace, n: int, device_s_per_token: float, 
         "rounds": sum(r.rounds for r in runs),
         "acceptance": sum(r.accepted for r in runs) / max(1, sum(r.drafted for r in runs)),
         "mean_batch": rounds / batches if batches else 0.0,
-        # forwards (verification rounds and edge-only steps; prefills are not counted)
+        # forwards carrying rounds or edge-only steps (with any prefill piece riding in
+        # them; forwards of prefill pieces alone are not counted)
         "forwards": batches,
         "forward_s_per_batch": forward_s / batches if batches else 0.0,
-        # share of the makespan the edge spent in batched forwards (the rest: prefills,
-        # verification math, I/O, idle)
+        # share of the makespan the edge spent in batched forwards (the rest: prefill-only
+        # forwards, verification math, I/O, idle)
         "forward_share": forward_s / makespan,
         "not_exact": sum(not r.exact for r in runs),
     }

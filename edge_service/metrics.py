@@ -76,7 +76,7 @@ class EdgeMetrics:
         )
         self.forward_seconds = Histogram(
             "dssd_batch_forward_seconds",
-            "Duration of one (batched) verification forward of the target",
+            "Duration of one batched target forward carrying rounds or steps (and any prefill piece in it)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -398,10 +398,11 @@ class VerifyScheduler:
             return exc
 
     def _record(self, n_rounds: int, t0: float) -> None:
-        if self._metrics is not None:
+        # a forward of prefill pieces only is not a batch: the metrics count the forwards
+        # that carried rounds or steps (with any prefill piece that rode in them)
+        if self._metrics is not None and n_rounds:
             self._metrics.forward_seconds.observe(time.perf_counter() - t0)
-            if n_rounds:  # a forward of prefill pieces only is not a batch of rounds
-                self._metrics.batch_size.observe(n_rounds)
+            self._metrics.batch_size.observe(n_rounds)
         self.batches += 1
         self.rounds += n_rounds
 
