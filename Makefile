@@ -76,11 +76,17 @@ endif
 
 setup: $(STAMP) models
 
+# The suite runs on TEST_WORKERS pytest-xdist workers, one test file per worker at a time
+# (module fixtures are built once); every test process uses one thread per runtime.
+# TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 demo: setup
 	bash scripts/demo.sh "$(BIN)/python"

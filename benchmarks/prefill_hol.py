@@ -7,8 +7,8 @@ without any prefill (the baseline), then a ninth session Starts with a `--prompt
 (2,000) prompt while the eight keep going. Every round that overlaps the prefill is
 "during". Per `--configs` setting `CHUNK:BUDGET` (`BatchConfig.prefill_chunk` and
 `token_budget`; 0:0 is the unchunked baseline, the whole prompt in one forward; 256:0
-pieces of 256 tokens whatever the batch holds; 256:64 the default, pieces that fill what
-the rounds leave of a 64-token forward): p50/p99/max round latency during the prefill and
+pieces of 256 tokens whatever the batch holds; 256:48 the default, pieces that fill what
+the rounds leave of a 48-token forward): p50/p99/max round latency during the prefill and
 their ratio to the same sessions' baseline p99 in the same setting, and the prefill's own
 time, medians over `--repeats` (settings interleaved). Writes prefill.csv / prefill.json
 to --out.

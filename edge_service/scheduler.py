@@ -80,7 +80,7 @@ class BatchConfig:
     #: most tokens (rounds' plus prefill) in a forward while other sessions are
     #: connected: prefill pieces fill what the rounds leave (at least a quarter of it).
     #: 0: no budget, prefill pieces of `prefill_chunk` whatever else the forward holds
-    token_budget: int = 64
+    token_budget: int = 48
     #: edge-only decode steps join the verification batches (continuous batching);
     #: False: each step is its own forward on the worker
     batch_edge_only: bool = True
