@@ -33,7 +33,7 @@ then prefilled in pieces that ride in the same forwards as the rounds (vLLM-styl
 chunked prefill, keeping no logits), and the request is set up in a last job. Why: a
 prefill that runs as a forward of its own makes every round that arrives meanwhile wait
 for it, and on a CPU edge even a 32-token chunk costs about what a batch of 8 rounds
-does (p99 of those rounds 1.9x their usual, `python -m benchmarks prefill`). The piece
+does (p99 of those rounds 1.64x their usual, `python -m benchmarks prefill`). The piece
 size follows a per-forward token budget (`token_budget`): a forward that carries rounds
 gets what they leave of the budget (at least a quarter of it, so a full queue cannot
 starve a prompt), and a forward with no round in it gets the whole budget while other

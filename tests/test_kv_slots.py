@@ -191,6 +191,19 @@ def test_kv_budget_refuses_with_limit_and_evicts_idle_sessions(tiny_pair) -> Non
 # -- scheduler: edge-only steps in the batches, chunked Starts between them ---------------------
 
 
+def _check_and_advance(reply: wire.VerdictMsg, want: wire.VerdictMsg, committed: list[int],
+                       prefix: list[list[int]], i: int) -> None:
+    """The batched verdict equals the unbatched one; session i's device state follows it."""
+    assert (reply.kind, reply.n_accepted, reply.token) == (want.kind, want.n_accepted, want.token)
+    committed[i] += len(prefix[i]) + reply.n_accepted
+    if reply.kind is VerdictKind.RESAMPLE:  # the device's residual draw: any supported token
+        tok = int(reply.p_ids[0]) if reply.p_ids is not None else int(np.argmax(reply.p_full))
+        prefix[i] = [tok]
+    else:
+        committed[i] += 1
+        prefix[i] = []
+
+
 def test_edge_only_steps_and_chunked_starts_join_the_batches(tiny_target: TorchTargetModel) -> None:
     rng = np.random.default_rng(5)
     n_vocab = tiny_target.n_vocab
@@ -233,15 +246,7 @@ def test_edge_only_steps_and_chunked_starts_join_the_batches(tiny_target: TorchT
                     want = alone[i].edge_only_step()
                     assert reply.ids.tolist() == want.ids.tolist() and reply.done == want.done
                 else:
-                    want = alone[i].verify(msg)
-                    assert (reply.kind, reply.n_accepted, reply.token) == (want.kind, want.n_accepted, want.token)
-                    committed[i] += len(prefix[i]) + reply.n_accepted
-                    if reply.kind is VerdictKind.RESAMPLE:  # the device's residual draw: any supported token
-                        tok = int(reply.p_ids[0]) if reply.p_ids is not None else int(np.argmax(reply.p_full))
-                        prefix[i] = [tok]
-                    else:
-                        committed[i] += 1
-                        prefix[i] = []
+                    _check_and_advance(reply, alone[i].verify(msg), committed, prefix, i)
                 assert batched[i]._cached == alone[i]._cached
         assert sched.rounds == 6 * len(specs)  # every step and round went through the batches
         assert sched.batches < sched.rounds
@@ -291,15 +296,7 @@ def test_a_prompt_is_prefilled_inside_the_rounds_forwards_within_the_token_budge
                                        None))
             got = await asyncio.gather(*(sched.submit(batched[i], m) for i, m in zip(members, msgs)))
             for i, reply, msg in zip(members, got, msgs):
-                want = alone[i].verify(msg)
-                assert (reply.kind, reply.n_accepted, reply.token) == (want.kind, want.n_accepted, want.token)
-                committed[i] += len(prefix[i]) + reply.n_accepted
-                if reply.kind is VerdictKind.RESAMPLE:
-                    tok = int(reply.p_ids[0]) if reply.p_ids is not None else int(np.argmax(reply.p_full))
-                    prefix[i] = [tok]
-                else:
-                    committed[i] += 1
-                    prefix[i] = []
+                _check_and_advance(reply, alone[i].verify(msg), committed, prefix, i)
                 assert batched[i]._cached == alone[i]._cached
 
         newcomer = asyncio.ensure_future(sched.start(batched[3], _start(prompts[3], "dssd", specs[3], seed=3, max_new=64)))
